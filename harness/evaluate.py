@@ -1,0 +1,114 @@
+"""Evaluation under one padding mode: predictions, metrics with bootstrap intervals, MACs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from skimbench import metrics as M
+from skimbench.features import eval_batches
+from skimbench.qa import decode_predictions
+from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, Task
+
+
+@dataclass
+class Evaluation:
+    padding: str
+    metrics: dict[str, float]
+    metric_ci: dict[str, tuple[float, float]]
+    predictions: list[dict]         # per example: id, prediction, gold, exit layer, tokens, MACs
+    macs_sum: int                   # over every example (QA: every window) of the eval set
+    positions: int                  # token positions computed at layer 0, summed
+    seconds: float
+
+
+def run_model(method, model, features: list[dict], padding: str, batch_size: int,
+              max_length: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """Logits and trace rows per feature, in feature order."""
+    hidden, ffn = model.hidden_size, model.ffn_size
+    logits, traces = [], []
+    batches = eval_batches(features, padding, batch_size, max_length)
+    total = len(features) if padding == "none" else -(-len(features) // batch_size)
+    with torch.inference_mode():
+        for batch in tqdm(batches, total=total, desc=f"eval {padding}", unit="batch",
+                          leave=False):
+            out = method.forward(model, batch)
+            macs = out.trace.macs(hidden, ffn)
+            lengths = batch["attention_mask"].sum(dim=1)
+            for row in range(len(batch["input_ids"])):
+                logit = out.logits[row]
+                if logit.dim() == 2:  # QA: keep the real positions only
+                    logit = logit[: int(lengths[row])]
+                logits.append(logit.float())
+                traces.append({"length": int(lengths[row]),
+                               "exit_layer": int(out.trace.exit_layer[row]),
+                               "tokens": out.trace.query_tokens[row].tolist(),
+                               "macs": int(macs[row])})
+    return logits, traces
+
+
+def _score(task: Task, preds: list, golds: list) -> tuple[dict, dict]:
+    values, intervals = {}, {}
+    p, g = np.asarray(preds), np.asarray(golds)
+    for name in task.metrics:
+        fn = M.METRICS[name]
+        values[name] = fn(p, g)
+        intervals[name] = M.bootstrap_ci(fn, (p, g))
+    return values, intervals
+
+
+def _score_qa(task: Task, examples, predictions: dict, null_odds: dict) -> tuple[dict, dict]:
+    refs = {ex.id: ex.answers for ex in examples}
+    if task.key == "squad_v2":
+        values = M.squad_v2(predictions, refs)
+        em, f1 = M.squad_v2_per_example(predictions, refs)
+        names = ("exact", "f1")
+    else:
+        values = M.squad_v1(predictions, refs)
+        em, f1 = M.squad_v1_per_example(predictions, refs)
+        names = ("exact_match", "f1")
+    mean_points = lambda a: 100.0 * float(np.mean(a))  # noqa: E731
+    intervals = {names[0]: M.bootstrap_ci(mean_points, (em,)),
+                 names[1]: M.bootstrap_ci(mean_points, (f1,))}
+    return {k: v for k, v in values.items() if k != "total"}, intervals
+
+
+def evaluate(method, model, task: Task, examples: list, features: list[dict], padding: str,
+             batch_size: int, max_length: int) -> Evaluation:
+    model.eval()
+    started = time.perf_counter()
+    logits, traces = run_model(method, model, features, padding, batch_size, max_length)
+    seconds = time.perf_counter() - started
+    positions = sum(t["tokens"][0] for t in traces)
+    macs_sum = sum(t["macs"] for t in traces)
+    if task.kind == EXTRACTIVE_QA:
+        predictions, null_odds = decode_predictions(
+            examples, [f["window"] for f in features], [lg[:, 0] for lg in logits], [lg[:, 1] for lg in logits],
+            with_null=task.key == "squad_v2")
+        values, intervals = _score_qa(task, examples, predictions, null_odds)
+        per_example: dict[int, dict] = {}
+        for feature, trace in zip(features, traces, strict=True):
+            entry = per_example.setdefault(feature["example_index"], {
+                "windows": 0, "length": [], "exit_layer": [], "tokens": [], "macs": 0})
+            entry["windows"] += 1
+            entry["length"].append(trace["length"])
+            entry["exit_layer"].append(trace["exit_layer"])
+            entry["tokens"].append(trace["tokens"])
+            entry["macs"] += trace["macs"]
+        rows = [{"id": ex.id, "prediction": predictions.get(ex.id, ""), "gold": ex.answers,
+                 "null_odds": null_odds.get(ex.id), **per_example[i]}
+                for i, ex in enumerate(examples)]
+    else:
+        stacked = torch.stack(logits)
+        preds = (stacked.argmax(-1).tolist() if task.kind == CLASSIFICATION
+                 else stacked.squeeze(-1).tolist())
+        golds = [ex.label for ex in examples]
+        values, intervals = _score(task, preds, golds)
+        rows = [{"id": ex.id, "prediction": p, "gold": ex.label, **t}
+                for ex, p, t in zip(examples, preds, traces, strict=True)]
+    return Evaluation(padding, values, intervals, rows, macs_sum, positions, seconds)
+

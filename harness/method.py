@@ -1,0 +1,121 @@
+"""The method adapter protocol (DESIGN 5) and the registry methods add themselves to.
+
+A method is one file in `methods/`: a config dataclass with the paper's defaults, `build` (the
+model), `stages` (its training schedule) and `forward` (logits + Trace). Everything else, data,
+heads, optimiser, evaluation and records, belongs to the harness.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from skimbench.backbone import Backbone
+from skimbench.errors import UsageError, did_you_mean
+from skimbench.model import Output, TaskModel, task_loss
+from skimbench.profiles import Budget
+from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, REGRESSION, Task
+from skimbench.trainer import Stage
+
+ALL_KINDS = frozenset({CLASSIFICATION, REGRESSION, EXTRACTIVE_QA})
+
+
+@dataclass
+class MethodConfig:
+    """Settings a method exposes to `--set`; subclasses add fields with the paper's defaults."""
+
+
+@dataclass
+class Context:
+    """What the harness hands a method when it builds: backbone, task, budget, prerequisites."""
+
+    backbone: Backbone
+    task: Task
+    budget: Budget
+    needs: dict[str, Path]         # e.g. {"baseline": <finished baseline run dir>}
+
+
+class Method:
+    key: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    kinds: ClassVar[frozenset[str]] = ALL_KINDS      # task kinds supported
+    needs: ClassVar[tuple[str, ...]] = ()             # "baseline": the fine-tuned baseline run
+    status: ClassVar[str] = "ready"
+    attn_implementation: ClassVar[str] = "sdpa"
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def build(self, ctx: Context) -> nn.Module:
+        """The model to train; by default the plain task model on the backbone."""
+        torch.manual_seed(0)
+        encoder = ctx.backbone.encoder(self.attn_implementation)
+        return TaskModel(encoder, ctx.task.kind, ctx.task.num_labels)
+
+    def stages(self, ctx: Context) -> list[Stage]:
+        """One fine-tuning stage from the budget; multi-stage methods override."""
+        b = ctx.budget
+        return [Stage("finetune", epochs=b.epochs, max_steps=b.max_steps, lr=b.lr,
+                      batch_size=b.batch_size, warmup_ratio=b.warmup_ratio,
+                      weight_decay=b.weight_decay, grad_clip=b.grad_clip)]
+
+    def forward(self, model: nn.Module, batch: dict) -> Output:
+        return model(batch)
+
+    def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Named losses the stages weight; the task loss is always `task`."""
+        output = self.forward(model, batch)
+        return {"task": task_loss(model.kind, output.logits, batch)}
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register(key: str):
+    """Class decorator: make a Method available under `key`."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        if key in _METHODS and _METHODS[key] is not cls:
+            raise RuntimeError(f"method {key!r} registered twice")
+        cls.key = key
+        _METHODS[key] = cls
+        return cls
+
+    return add
+
+
+def _import_methods() -> None:
+    """Import every module of skimbench.methods, so each registers itself."""
+    import skimbench.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+
+
+def methods() -> dict[str, type[Method]]:
+    _import_methods()
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method(key: str) -> type[Method]:
+    available = methods()
+    if key not in available:
+        raise did_you_mean("method", key, available, "methods")
+    return available[key]
+
+
+def check_supports(method: type[Method], task: Task) -> None:
+    if task.kind not in method.kinds:
+        raise UsageError(f"method {method.key!r} does not support {task.kind} tasks like "
+                         f"{task.key!r}; it supports {', '.join(sorted(method.kinds))} "
+                         "(see `skimbench list methods`)")

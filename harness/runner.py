@@ -1,0 +1,292 @@
+"""`skimbench run`: resolve a run, train it (or reuse it), evaluate it, write its directory.
+
+    results/runs/<task>/<method>/<run-id>/
+      config.json  status.json  record.json  predictions.jsonl  env.json  log.txt  checkpoint/
+
+A finished run with the same resolved config is skipped; a failed or interrupted one is marked
+`failed` / `partial` in status.json and resumes from its last finished training stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from skimbench import __version__
+from skimbench.backbone import Backbone, resolve_backbone
+from skimbench.data import FileLog, data_dir_from
+from skimbench.errors import UsageError
+from skimbench.evaluate import evaluate
+from skimbench.features import encode, padding_modes
+from skimbench.method import Context, Method, check_supports, get_method
+from skimbench.profiles import BUDGET_KEYS, Budget, budget_for
+from skimbench.records import (
+    PaddingResult,
+    RunRecord,
+    environment,
+    read_json,
+    set_status,
+    status_of,
+    write_atomic,
+    write_json,
+)
+from skimbench.tasks import OFFLINE_SPLIT_SEED, Task, get_task, load_task_data
+from skimbench.trainer import save_state, train
+
+CHECKPOINT = "checkpoint/model.pt"
+
+
+@dataclass
+class RunSpec:
+    """What the user asked for (CLI flags); `resolve` fills in every default."""
+
+    method: str
+    task: str
+    backbone: str | None = None            # None: the profile's backbone
+    profile: str = "ci"
+    seed: int = 42
+    padding: str = "batch"
+    overrides: dict[str, str] = field(default_factory=dict)
+    out: Path = Path("results")
+    data_dir: Path | str | None = None
+    run_id: str | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class ResolvedRun:
+    spec: RunSpec
+    method: Method
+    task: Task
+    backbone: Backbone
+    budget: Budget
+    paddings: tuple[str, ...]
+    run_dir: Path
+
+    def config(self) -> dict:
+        """The resolved config: two runs with equal configs are the same run."""
+        return {"skimbench": __version__, "method": self.method.key, "task": self.task.key,
+                "backbone": self.backbone.name, "profile": self.spec.profile,
+                "seed": self.spec.seed, "padding": list(self.paddings),
+                "budget": asdict(self.budget), "method_config": asdict(self.method.config),
+                "overrides": dict(sorted(self.spec.overrides.items()))}
+
+
+def _parse_value(key: str, raw: str, annotation: str):
+    """Convert a --set string to the field's declared type, or say what the field takes."""
+    kinds = [part.strip() for part in str(annotation).split("|")]
+    if raw.lower() in ("none", "null") and "None" in kinds:
+        return None
+    for kind in kinds:
+        try:
+            if kind == "bool":
+                if raw.lower() in ("true", "1", "yes"):
+                    return True
+                if raw.lower() in ("false", "0", "no"):
+                    return False
+            elif kind == "int":
+                return int(raw)
+            elif kind == "float":
+                return float(raw)
+            elif kind == "str":
+                return raw
+            elif kind.startswith("tuple"):
+                return tuple(float(v) if "float" in kind else int(v) if "int" in kind else v
+                             for v in raw.split(","))
+        except ValueError:
+            continue
+    raise UsageError(f"invalid --set {key}={raw}: {key} takes {annotation}")
+
+
+def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"invalid --set {pair!r}: write key=value, e.g. --set lr=3e-5")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _apply_overrides(overrides: dict[str, str], budget: Budget, method_cls: type[Method]):
+    method_fields = {f.name: f.type for f in fields(method_cls.Config)}
+    budget_fields = {f.name: f.type for f in fields(Budget)}
+    budget_changes, method_changes = {}, {}
+    for key, raw in overrides.items():
+        if key in method_fields:
+            method_changes[key] = _parse_value(key, raw, method_fields[key])
+        elif key in budget_fields and key != "backbone":
+            budget_changes[key] = _parse_value(key, raw, budget_fields[key])
+        else:
+            valid = sorted(set(method_fields) | (set(BUDGET_KEYS) - {"backbone"}))
+            raise UsageError(f"unknown --set key {key!r} for method {method_cls.key!r}: valid "
+                             f"keys are {', '.join(valid)}")
+    try:
+        config = method_cls.Config(**method_changes)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"invalid --set for method {method_cls.key!r}: {exc}") from None
+    return replace(budget, **budget_changes), config
+
+
+def default_run_id(profile: str, backbone: Backbone, seed: int, overrides: dict) -> str:
+    run_id = f"{profile}-{backbone.slug}-s{seed}"
+    if overrides:
+        digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+        run_id += f"-{digest}"
+    return run_id
+
+
+def resolve(spec: RunSpec) -> ResolvedRun:
+    """Validate every name and setting before anything is written or trained."""
+    method_cls = get_method(spec.method)
+    task = get_task(spec.task)
+    check_supports(method_cls, task)
+    budget = budget_for(spec.profile, task)
+    paddings = padding_modes(spec.padding)
+    budget, config = _apply_overrides(spec.overrides, budget, method_cls)
+    backbone = resolve_backbone(spec.backbone or budget.backbone)
+    budget = replace(budget, backbone=backbone.name)
+    run_id = spec.run_id or default_run_id(spec.profile, backbone, spec.seed, spec.overrides)
+    run_dir = Path(spec.out) / "runs" / task.key / method_cls.key / run_id
+    return ResolvedRun(spec, method_cls(config), task, backbone, budget, paddings, run_dir)
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
+
+
+def _subset(items: list, limit: int | None) -> list:
+    """A fixed seeded sample (same for every run seed), kept in data set order."""
+    if limit is None or limit >= len(items):
+        return items
+    keep = sorted(random.Random(OFFLINE_SPLIT_SEED).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+class Logger:
+    """Prints progress lines and appends them to the run's log.txt."""
+
+    def __init__(self, path: Path, echo):
+        self.path, self.echo = path, echo
+
+    def __call__(self, line: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        self.echo(line)
+
+
+def run(spec: RunSpec, echo=print) -> Path:
+    """Train and evaluate one run (reusing a finished one); returns its directory."""
+    resolved = resolve(spec)
+    run_dir, config = resolved.run_dir, resolved.config()
+    data_dir = data_dir_from(spec.data_dir)
+    config_path = run_dir / "config.json"
+    if config_path.is_file():
+        differences = _diff(read_json(config_path), config)
+        if differences and not spec.overwrite:
+            raise UsageError(f"run directory {run_dir} exists with a different config "
+                             f"({'; '.join(differences[:3])}): pass --run-id NEW or --overwrite")
+        if not differences and status_of(run_dir) == "finished":
+            echo(f"{run_dir}: already finished with this config, reusing it")
+            return run_dir
+        if differences:  # --overwrite: stale checkpoints must not be resumed
+            for stale in (run_dir / "checkpoint").glob("*.pt"):
+                stale.unlink()
+    needs = {need: run(RunSpec(method=need, task=spec.task, backbone=resolved.backbone.name,
+                               profile=spec.profile, seed=spec.seed, padding=spec.padding,
+                               out=spec.out, data_dir=spec.data_dir), echo)
+             for need in resolved.method.needs}
+    write_json(config_path, config)
+    set_status(run_dir, "running")
+    log = Logger(run_dir / "log.txt", echo)
+    try:
+        _execute(resolved, data_dir, needs, log)
+    except KeyboardInterrupt:
+        set_status(run_dir, "partial", reason="interrupted")
+        raise
+    except Exception as exc:
+        set_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    set_status(run_dir, "finished")
+    return run_dir
+
+
+def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log) -> None:
+    task, budget, method, run_dir = r.task, r.budget, r.method, r.run_dir
+    log(f"run {method.key} on {task.key} ({r.spec.profile}, {r.backbone.name}, "
+        f"seed {r.spec.seed}) -> {run_dir}")
+    files = FileLog()
+    data = load_task_data(task, data_dir, files)
+    train_examples = _subset(data.train, budget.max_train_examples)
+    eval_examples = _subset(data.eval, budget.max_eval_examples)
+    tokenizer = r.backbone.tokenizer()
+    max_length = budget.max_length or task.max_length
+    encode_args = dict(max_length=max_length, doc_stride=budget.doc_stride,
+                       max_query_length=budget.max_query_length)
+    train_features = encode(task, train_examples, tokenizer, **encode_args)
+    eval_features = encode(task, eval_examples, tokenizer, **encode_args)
+    log(f"data ({data.source}): {data.split}; {len(train_examples)} train examples "
+        f"({len(train_features)} features), {len(eval_examples)} eval examples "
+        f"({len(eval_features)} features)")
+
+    ctx = Context(r.backbone, task, budget, needs)
+    torch.manual_seed(r.spec.seed)
+    model = method.build(ctx)
+    checkpoint = run_dir / CHECKPOINT
+    started = time.perf_counter()
+    summaries = train(model, method.stages(ctx), train_features, method.losses, r.spec.seed,
+                      checkpoint.parent, log)
+    train_seconds = time.perf_counter() - started
+    save_state(model, checkpoint)
+    for stage_file in checkpoint.parent.glob("stage-*.pt"):
+        stage_file.unlink()
+
+    evaluations = {}
+    for padding in r.paddings:
+        evaluations[padding] = evaluate(method, model, task, eval_examples, eval_features,
+                                        padding, budget.eval_batch_size, max_length)
+        e = evaluations[padding]
+        log(f"eval [{padding}] {task.main_metric} {e.metrics[task.main_metric]:.2f} "
+            f"macs/example {e.macs_sum / len(eval_examples):.3e} ({e.seconds:.1f}s)")
+    first = evaluations[r.paddings[0]]
+    record = RunRecord(
+        method=method.key, task=task.key, task_kind=task.kind, backbone=r.backbone.name,
+        profile=r.spec.profile, seed=r.spec.seed, split=data.split, data_source=data.source,
+        num_train_examples=len(train_examples), num_eval_examples=len(eval_examples),
+        num_eval_features=len(eval_features), main_metric=task.main_metric,
+        metrics=first.metrics, metric_ci=first.metric_ci,
+        padding={mode: PaddingResult(e.macs_sum, e.macs_sum / len(eval_examples), e.positions,
+                                     e.seconds) for mode, e in evaluations.items()},
+        executed=True, train=summaries, train_seconds=train_seconds,
+        needs={k: str(v) for k, v in needs.items()})
+    lines = []
+    for index, row in enumerate(first.predictions):
+        row = dict(row, macs_by_padding={m: e.predictions[index]["macs"]
+                                         for m, e in evaluations.items()})
+        lines.append(json.dumps(row))
+    write_atomic(run_dir / "predictions.jsonl", "\n".join(lines) + "\n")
+    write_json(run_dir / "env.json", environment(files.sha256))
+    write_json(run_dir / "record.json", record.to_json())
+    log(f"finished: {task.main_metric} {first.metrics[task.main_metric]:.2f} "
+        f"(95% CI {first.metric_ci[task.main_metric][0]:.2f}-"
+        f"{first.metric_ci[task.main_metric][1]:.2f}); record {run_dir / 'record.json'}")
+
+
+def load_checkpoint(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:
+    """Load a finished run's trained weights into a model of the same shape."""
+    model.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu"))
+    return model

@@ -1,0 +1,128 @@
+"""The one training loop every method uses: stages of AdamW with linear warm-up and decay.
+
+A method describes its schedule as a list of Stage (epochs or steps, learning rate, which of its
+named losses to weight, which parameters to freeze); the trainer runs them in order with a seeded
+data order, gradient clipping and a progress bar, and checkpoints after each stage so that an
+interrupted run resumes from the last finished stage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from skimbench.features import collate
+
+
+@dataclass
+class Stage:
+    name: str
+    epochs: float = 1.0
+    max_steps: int | None = None           # caps the stage when set
+    lr: float = 5e-5
+    batch_size: int = 32
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    losses: dict[str, float] = field(default_factory=lambda: {"task": 1.0})
+    frozen: tuple[str, ...] = ()           # parameter-name prefixes held fixed in this stage
+
+    def steps(self, num_examples: int) -> int:
+        per_epoch = math.ceil(num_examples / self.batch_size)
+        total = max(1, math.ceil(per_epoch * self.epochs))
+        return min(total, self.max_steps) if self.max_steps else total
+
+
+LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
+
+
+def _optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
+    """AdamW over the unfrozen parameters; no decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.startswith(stage.frozen) if stage.frozen else True)
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
+
+
+def _linear_schedule(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _batches(features: list[dict], batch_size: int, generator: torch.Generator):
+    """Endless seeded shuffles of the training set, padded to each batch's longest member."""
+    while True:
+        order = torch.randperm(len(features), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield collate([features[i] for i in order[start:start + batch_size]], None)
+
+
+def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: LossFn,
+          seed: int, checkpoint_dir: Path | None = None, log: Callable[[str], None] = print
+          ) -> list[dict]:
+    """Run every stage; returns per-stage summaries (steps, final loss, seconds)."""
+    summaries = []
+    for index, stage in enumerate(stages):
+        saved = checkpoint_dir / f"stage-{index}-{stage.name}.pt" if checkpoint_dir else None
+        if saved is not None and saved.is_file():
+            model.load_state_dict(torch.load(saved, map_location="cpu"))
+            log(f"stage {stage.name}: resumed from {saved.name}")
+            summaries.append({"stage": stage.name, "resumed": True})
+            continue
+        torch.manual_seed(seed + index)
+        generator = torch.Generator().manual_seed(seed + index)
+        total = stage.steps(len(features))
+        optimizer = _optimizer(model, stage)
+        scheduler = _linear_schedule(optimizer, int(stage.warmup_ratio * total), total)
+        model.train()
+        started, running = time.perf_counter(), None
+        bar = tqdm(total=total, desc=f"train {stage.name}", unit="step", leave=False)
+        batches = _batches(features, stage.batch_size, generator)
+        for _ in range(total):
+            losses = loss_fn(model, next(batches))
+            loss = sum(stage.losses[name] * losses[name] for name in stage.losses)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if stage.grad_clip:
+                nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], stage.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach())
+            running = value if running is None else 0.95 * running + 0.05 * value
+            bar.update()
+            bar.set_postfix(loss=f"{running:.4f}")
+        bar.close()
+        for param in model.parameters():
+            param.requires_grad_(True)
+        seconds = time.perf_counter() - started
+        log(f"stage {stage.name}: {total} steps, loss {running:.4f}, {seconds:.1f}s")
+        summaries.append({"stage": stage.name, "steps": total, "loss": running,
+                          "seconds": seconds})
+        if saved is not None:
+            save_state(model, saved)
+    model.eval()
+    return summaries
+
+
+def save_state(model: nn.Module, path: Path) -> None:
+    """Save weights atomically: a crash mid-save never leaves a truncated checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
