@@ -1,0 +1,80 @@
+"""The shared trainer: schedule, freezing, clipping, determinism."""
+
+from __future__ import annotations
+
+import torch
+from test_model import features
+
+from skimbench.backbone import resolve_backbone
+from skimbench.model import TaskModel, task_loss
+from skimbench.tasks import CLASSIFICATION
+from skimbench.trainer import Stage, _linear_schedule, train
+
+
+def model():
+    torch.manual_seed(0)
+    return TaskModel(resolve_backbone("random:tiny").encoder(), CLASSIFICATION, 2)
+
+
+def loss_fn(m, batch):
+    return {"task": task_loss(CLASSIFICATION, m(batch).logits, batch)}
+
+
+def test_stage_steps_from_epochs_or_cap():
+    assert Stage("s", epochs=2, batch_size=32).steps(100) == 8
+    assert Stage("s", epochs=0.5, batch_size=32).steps(100) == 2
+    assert Stage("s", epochs=3, batch_size=32, max_steps=5).steps(100) == 5
+
+
+def test_linear_warmup_then_decay():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    schedule = _linear_schedule(opt, warmup=4, total=10)
+    rates = []
+    for _ in range(10):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert rates[:4] == sorted(rates[:4]) and rates[0] < rates[3] < 1.0
+    assert rates[4] == 1.0 and rates[4:] == sorted(rates[4:], reverse=True)
+    assert rates[-1] > 0
+
+
+def test_frozen_prefixes_stay_fixed_and_the_rest_moves():
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    train(m, [Stage("head-only", max_steps=3, lr=1e-2, batch_size=4, frozen=("encoder.",))],
+          features([5, 6, 7, 8, 9, 10]), loss_fn, seed=0, log=lambda _: None)
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert all(p.requires_grad for p in m.parameters())  # unfrozen again after the stage
+
+
+def test_training_is_deterministic_for_a_seed():
+    runs = []
+    for seed in (1, 1, 2):
+        m = model()
+        train(m, [Stage("s", max_steps=4, lr=1e-2, batch_size=2)], features([5, 6, 7, 8, 9]),
+              loss_fn, seed=seed, log=lambda _: None)
+        runs.append(m.head.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_gradients_are_clipped_to_the_stage_norm(monkeypatch):
+    """Every step clips the trainable gradients to the stage's max norm before stepping."""
+    seen = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        params = list(params)
+        norm = original(params, max_norm)
+        seen.append((max_norm, float(torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in params if p.grad is not None])))))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train(model(), [Stage("s", epochs=3, lr=1e-3, batch_size=4, grad_clip=0.01)],
+          features([5, 6, 7, 8]), loss_fn, seed=0, log=lambda _: None)
+    assert len(seen) == 3
+    assert all(max_norm == 0.01 and after <= 0.01 * 1.001 for max_norm, after in seen)
