@@ -39,7 +39,7 @@ _BASE = {
     "smoke": Budget("random:tiny", epochs=1, lr=1e-3, batch_size=8, eval_batch_size=8,
                     max_steps=4, max_train_examples=32, max_eval_examples=16, max_length=32,
                     doc_stride=16, max_query_length=16),
-    "ci": Budget("minilm", epochs=1, lr=1e-4, batch_size=32, max_train_examples=3000,
+    "ci": Budget("minilm", epochs=1, lr=1.5e-4, batch_size=32, max_train_examples=3000,
                  max_eval_examples=2000),
     "local": Budget("minilm", epochs=3, lr=5e-5, batch_size=32),
     "paper": Budget("bert-base-uncased", epochs=3, lr=2e-5, batch_size=32),
@@ -50,6 +50,7 @@ _BASE = {
 _TASK = {
     "smoke": {"squad": dict(max_length=64), "squad_v2": dict(max_length=64)},
     "ci": {
+        "sst2": dict(max_train_examples=5000),
         "squad": dict(max_train_examples=400, max_eval_examples=300, batch_size=16, lr=1e-4),
         "squad_v2": dict(max_train_examples=400, max_eval_examples=300, batch_size=16, lr=1e-4),
         "imdb": dict(max_train_examples=300, max_eval_examples=300, batch_size=16),

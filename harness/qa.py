@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,9 @@ class QAFeature:
     question_length: int
     start_position: int
     end_position: int
+    # True where this window gives the token its most context (BERT's "max context" rule):
+    # with overlapping windows, an answer may start only where its token is best placed.
+    max_context: list[bool] = field(default_factory=list)
 
 
 def _paragraph_examples(paragraph: dict[str, Any]) -> list[QAExample]:
@@ -86,6 +89,18 @@ def _answer_token_span(offsets: Sequence[Offset], start: int, end: int) -> tuple
     return (hit[0], hit[-1]) if hit else None
 
 
+def _max_context_window(spans: Sequence[tuple[int, int]], n_tokens: int) -> list[int]:
+    """Per context token, the window where min(left, right context) + 0.01 * length is largest."""
+    best = [0] * n_tokens
+    score = [-1.0] * n_tokens
+    for j, (ws, we) in enumerate(spans):
+        for p in range(ws, we):
+            value = min(p - ws, we - 1 - p) + 0.01 * (we - ws)
+            if value > score[p]:
+                best[p], score[p] = j, value
+    return best
+
+
 def build_features(
     examples: Sequence[QAExample],
     tokenizer: Any,
@@ -120,8 +135,10 @@ def build_features(
             span = _answer_token_span(ctx_offs, a0, a0 + len(ex.answers[0]))
         head_ids = [cls_id, *q_ids, sep_id]
         head_offs: list[Offset | None] = [None] * len(head_ids)
-        for ws in window_starts(len(ctx_ids), window, doc_stride):
-            we = min(ws + window, len(ctx_ids))
+        spans = [(ws, min(ws + window, len(ctx_ids)))
+                 for ws in window_starts(len(ctx_ids), window, doc_stride)]
+        owner = _max_context_window(spans, len(ctx_ids))
+        for j, (ws, we) in enumerate(spans):
             n_ctx = we - ws
             start_pos = end_pos = 0
             if span is not None and ws <= span[0] and span[1] < we:
@@ -135,6 +152,8 @@ def build_features(
                 question_length=len(q_ids),
                 start_position=start_pos,
                 end_position=end_pos,
+                max_context=[False] * len(head_ids) + [owner[p] == j for p in range(ws, we)]
+                + [False],
             ))
     return features
 
@@ -163,10 +182,14 @@ def _best_span(
     lo, hi = f.question_length + 2, len(f.input_ids) - 1  # context tokens are [lo, hi)
     if hi <= lo:
         return None
-    s_idx = lo + np.argsort(-start[lo:hi], kind="stable")[:n_best]
+    starts = start[lo:hi]
+    if f.max_context:
+        starts = np.where(np.asarray(f.max_context[lo:hi]), starts, -np.inf)
+    s_idx = lo + np.argsort(-starts, kind="stable")[:n_best]
     e_idx = lo + np.argsort(-end[lo:hi], kind="stable")[:n_best]
     length = e_idx[None, :] - s_idx[:, None]
-    scores = np.where((length >= 0) & (length < max_answer_length),
+    scores = np.where((length >= 0) & (length < max_answer_length) & np.isfinite(
+        starts[s_idx - lo])[:, None],
                       start[s_idx][:, None] + end[e_idx][None, :], -np.inf)
     k = int(np.argmax(scores))
     best = float(scores.flat[k])

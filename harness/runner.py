@@ -24,6 +24,7 @@ from skimbench.data import FileLog, data_dir_from
 from skimbench.errors import UsageError
 from skimbench.evaluate import evaluate
 from skimbench.features import encode, padding_modes
+from skimbench.hub import go_offline_if_unreachable
 from skimbench.method import Context, Method, check_supports, get_method
 from skimbench.profiles import BUDGET_KEYS, Budget, budget_for
 from skimbench.records import (
@@ -36,7 +37,7 @@ from skimbench.records import (
     write_atomic,
     write_json,
 )
-from skimbench.tasks import OFFLINE_SPLIT_SEED, Task, get_task, load_task_data
+from skimbench.tasks import OFFLINE_SPLIT_SEED, Task, data_source, get_task, load_task_data
 from skimbench.trainer import save_state, train
 
 CHECKPOINT = "checkpoint/model.pt"
@@ -144,6 +145,7 @@ def default_run_id(profile: str, backbone: Backbone, seed: int, overrides: dict)
 
 def resolve(spec: RunSpec) -> ResolvedRun:
     """Validate every name and setting before anything is written or trained."""
+    go_offline_if_unreachable()
     method_cls = get_method(spec.method)
     task = get_task(spec.task)
     check_supports(method_cls, task)
@@ -151,6 +153,7 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     paddings = padding_modes(spec.padding)
     budget, config = _apply_overrides(spec.overrides, budget, method_cls)
     backbone = resolve_backbone(spec.backbone or budget.backbone)
+    backbone.config()  # a hub name that cannot be loaded fails here, before any file is written
     budget = replace(budget, backbone=backbone.name)
     run_id = spec.run_id or default_run_id(spec.profile, backbone, spec.seed, spec.overrides)
     run_dir = Path(spec.out) / "runs" / task.key / method_cls.key / run_id
@@ -194,6 +197,7 @@ def run(spec: RunSpec, echo=print) -> Path:
     resolved = resolve(spec)
     run_dir, config = resolved.run_dir, resolved.config()
     data_dir = data_dir_from(spec.data_dir)
+    data_source(resolved.task, data_dir)  # no data: fail before anything is written
     config_path = run_dir / "config.json"
     if config_path.is_file():
         differences = _diff(read_json(config_path), config)

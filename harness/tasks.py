@@ -7,7 +7,6 @@ locally, the deterministic offline split of DESIGN section 9 is used and named i
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from skimbench.data import DATA_DIR_ENV, FileLog, field_of
 from skimbench.errors import DataError, did_you_mean
+from skimbench.hub import hub_offline
 from skimbench.qa import QAExample, squad_articles
 
 CLASSIFICATION, REGRESSION, EXTRACTIVE_QA = "classification", "regression", "extractive_qa"
@@ -291,6 +291,7 @@ def _hub_rows(task: Task, split: str) -> list:
     """One split from the hub, converted to the local example types."""
     import datasets  # heavy; only users with the hub reach this
 
+    datasets.logging.set_verbosity_error()
     path, config, *_ = task.hub
     rows = datasets.load_dataset(path, config, split=split)
     if task.kind == EXTRACTIVE_QA:
@@ -309,26 +310,30 @@ def _hub_rows(task: Task, split: str) -> list:
             for i, r in enumerate(rows)]
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+def data_source(task: Task, data_dir: Path | None) -> str:
+    """"local" if every local file is there, else "hub" if reachable, else one clear error."""
+    if data_dir is not None and all(FileLog().find(data_dir, f) for f in task.local_files):
+        return "local"
+    if task.hub is None or hub_offline():
+        where = (f"under {data_dir}" if data_dir is not None
+                 else f"(no --data-dir or {DATA_DIR_ENV} given)")
+        expected = ", ".join(f"{f}[.gz]" for f in task.local_files)
+        raise DataError(f"task {task.key}: no local data {where} and no hub access; expected "
+                        f"{expected}; set --data-dir or {DATA_DIR_ENV} to a folder holding them "
+                        "(README 'Data')")
+    return "hub"
 
 
 def load_task_data(task: Task, data_dir: Path | None, log: FileLog) -> TaskData:
     """Local files under data_dir first, then the hub, else one line saying what to provide."""
-    if data_dir is not None and all(log.find(data_dir, f) for f in task.local_files):
+    if data_source(task, data_dir) == "local":
         return task.load_local(task, data_dir, log)
-    where = (f"under {data_dir}" if data_dir is not None
-             else f"(no --data-dir or {DATA_DIR_ENV} given)")
-    expected = ", ".join(f"{f}[.gz]" for f in task.local_files)
-    if task.hub is None or _hub_offline():
-        raise DataError(f"task {task.key}: no local data {where}; expected {expected}; set "
-                        f"--data-dir or {DATA_DIR_ENV} to a folder holding them (README 'Data')")
     try:
         train, evaluation = (_hub_rows(task, task.hub[2]), _hub_rows(task, task.hub[3]))
     except Exception as exc:  # any hub failure ends in the same advice
-        raise DataError(f"task {task.key}: no local data {where} (expected {expected}) and the "
-                        f"hub data set {task.hub[0]} could not be loaded "
-                        f"({type(exc).__name__}); set --data-dir or {DATA_DIR_ENV}") from None
+        raise DataError(f"task {task.key}: no local data (expected "
+                        f"{', '.join(task.local_files)}) and the hub data set {task.hub[0]} "
+                        f"could not be loaded ({type(exc).__name__}); set --data-dir or "
+                        f"{DATA_DIR_ENV}") from None
     return TaskData(train, evaluation, source="hub",
                     split=f"hub {task.hub[0]}: train={task.hub[2]}; eval={task.hub[3]}")

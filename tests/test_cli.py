@@ -93,6 +93,13 @@ def test_model_path_that_does_not_exist(tmp_path):
     assert "does not exist" in line and "nowhere" in line
 
 
+def test_hub_backbone_that_cannot_load_writes_nothing(tmp_path, tiny_data):
+    line = one_line_error(invoke("run", "-m", "baseline", "-d", "sst2", "-b", "no-such-model",
+                                 "--data-dir", str(tiny_data), "--out", str(tmp_path / "r")), 2)
+    assert "'no-such-model' could not be loaded" in line and "--backbone minilm" in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_unknown_random_config():
     line = one_line_error(invoke("run", "-m", "baseline", "-d", "sst2", "-b",
                                  "random:bert-bse"), 2)

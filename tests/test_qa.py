@@ -272,6 +272,8 @@ def test_null_answer_threshold(tokenizer: Any) -> None:
 
 def test_span_constraints(tokenizer: Any) -> None:
     examples, feats = small_features(tokenizer)
+    for g in feats:  # the span rules alone; the max-context rule has its own test
+        g.max_context = []
     f = feats[0]  # window 0: context tokens 0..24 at positions 6..30, [SEP] at 31
     s, e = np.full(len(f.input_ids), -20.0), np.full(len(f.input_ids), -20.0)
     s[1] = e[2] = 100.0  # question tokens: never an answer
@@ -321,3 +323,34 @@ def test_padded_2d_logits_match_lists(tokenizer: Any) -> None:
     assert ref == decode_predictions(examples, feats, [torch.from_numpy(s) for s in starts],
                                      [torch.from_numpy(e) for e in ends], with_null=True)
     assert all(p != "" for p in decode_predictions(examples, feats, pad_s, pad_e)[0].values())
+
+
+def test_max_context_rule(tokenizer: Any) -> None:
+    """Each context token is 'max context' in exactly one window, the one where it is most
+    central; an answer may only start there, as in BERT's run_squad."""
+    examples, feats = small_features(tokenizer)
+    owners: dict[int, list[int]] = {}
+    for j, f in enumerate(feats):
+        lo = f.question_length + 2
+        for k, flag in enumerate(f.max_context):
+            if flag:
+                owners.setdefault(f.offsets[k][0], []).append(j)
+        assert not any(f.max_context[:lo]) and not f.max_context[-1]
+    n_context = len({o[0] for f in feats for o in f.offsets if o is not None})
+    assert len(owners) == n_context and all(len(js) == 1 for js in owners.values())
+    # a token near the end of window 0 that window 1 also holds, closer to its centre
+    f0, f1 = feats[0], feats[1]
+    shared = [k for k in range(f0.question_length + 2, len(f0.input_ids) - 1)
+              if f0.offsets[k] in f1.offsets and not f0.max_context[k]]
+    assert shared, "windows of the small example overlap"
+    k0 = shared[-1]
+    k1 = f1.offsets.index(f0.offsets[k0])
+    assert f1.max_context[k1]
+    s = [np.zeros(len(f.input_ids)) for f in feats]
+    e = [np.zeros(len(f.input_ids)) for f in feats]
+    s[0][k0], e[0][k0] = 10.0, 10.0   # the best raw score, but not max context in window 0
+    s[1][k1], e[1][k1] = 6.0, 6.0     # the same token where it has max context
+    preds, odds = decode_predictions(examples, feats, s, e)
+    start, end = f1.offsets[k1]
+    assert preds["n"] == examples[0].context[start:end]
+    assert odds["n"] == pytest.approx(0.0 - 12.0)
