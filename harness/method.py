@@ -24,6 +24,13 @@ from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, REGRESSION, Task
 from skimbench.trainer import Stage
 
 ALL_KINDS = frozenset({CLASSIFICATION, REGRESSION, EXTRACTIVE_QA})
+CHECKPOINT = "checkpoint/model.pt"  # a finished run's trained weights, inside its directory
+
+
+def load_checkpoint(model: nn.Module, run_dir: Path) -> nn.Module:
+    """Load a finished run's trained weights into a model of the same shape."""
+    model.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu"))
+    return model
 
 
 @dataclass
@@ -47,6 +54,7 @@ class Method:
     kinds: ClassVar[frozenset[str]] = ALL_KINDS      # task kinds supported
     needs: ClassVar[tuple[str, ...]] = ()             # "baseline": the fine-tuned baseline run
     status: ClassVar[str] = "ready"
+    executed: ClassVar[bool] = True                   # computes exactly what its trace says
     attn_implementation: ClassVar[str] = "sdpa"
 
     def __init__(self, config: MethodConfig):
@@ -61,6 +69,10 @@ class Method:
         torch.manual_seed(0)
         encoder = ctx.backbone.encoder(self.attn_implementation)
         return TaskModel(encoder, ctx.task.kind, ctx.task.num_labels)
+
+    def baseline_model(self, ctx: Context) -> TaskModel:
+        """The fine-tuned baseline of this task and backbone (for `needs = ("baseline",)`)."""
+        return load_checkpoint(Method.build(self, ctx), ctx.needs["baseline"])
 
     def stages(self, ctx: Context) -> list[Stage]:
         """One fine-tuning stage from the budget; multi-stage methods override."""

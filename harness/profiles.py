@@ -30,6 +30,11 @@ class Budget:
     max_length: int | None = None          # None: the task's length
     doc_stride: int = 128                  # QA window step
     max_query_length: int = 64
+    time_examples: int = 16                # `none` mode: examples timed one at a time
+    time_batches: int = 2                  # `batch`/`sequence` modes: batches timed
+    time_min_seconds: float = 1.0          # per A/B measurement, at least this long ...
+    time_min_iters: int = 5                # ... and this many alternations
+    count_batches: int = 2                 # batches checked with the FLOPs counter
 
 
 PROFILES = ("smoke", "ci", "local", "paper")
@@ -38,7 +43,8 @@ BUDGET_KEYS = tuple(f.name for f in fields(Budget))
 _BASE = {
     "smoke": Budget("random:tiny", epochs=1, lr=1e-3, batch_size=8, eval_batch_size=8,
                     max_steps=4, max_train_examples=32, max_eval_examples=16, max_length=32,
-                    doc_stride=16, max_query_length=16),
+                    doc_stride=16, max_query_length=16, time_examples=2, time_batches=1,
+                    time_min_seconds=0.0, time_min_iters=2, count_batches=1),
     "ci": Budget("minilm", epochs=1, lr=1.5e-4, batch_size=32, max_train_examples=3000,
                  max_eval_examples=2000),
     "local": Budget("minilm", epochs=3, lr=5e-5, batch_size=32),
@@ -51,8 +57,8 @@ _TASK = {
     "smoke": {"squad": dict(max_length=64), "squad_v2": dict(max_length=64)},
     "ci": {
         "sst2": dict(max_train_examples=5000),
-        "squad": dict(max_train_examples=400, max_eval_examples=300, batch_size=16, lr=1e-4),
-        "squad_v2": dict(max_train_examples=400, max_eval_examples=300, batch_size=16, lr=1e-4),
+        "squad": dict(max_train_examples=400, max_eval_examples=300, batch_size=8, lr=2e-4),
+        "squad_v2": dict(max_train_examples=400, max_eval_examples=300, batch_size=8, lr=2e-4),
         "imdb": dict(max_train_examples=300, max_eval_examples=300, batch_size=16),
         "yelp": dict(max_train_examples=300, max_eval_examples=300, batch_size=16),
         "20news": dict(max_train_examples=300, max_eval_examples=300, batch_size=16),
@@ -63,8 +69,8 @@ _TASK = {
         "qqp": dict(epochs=1), "yelp": dict(epochs=1), "dbpedia": dict(epochs=1),
         "agnews": dict(epochs=2), "imdb": dict(epochs=2, batch_size=16),
         "20news": dict(epochs=3, batch_size=16),
-        "squad": dict(epochs=2, batch_size=16, lr=1e-4),
-        "squad_v2": dict(epochs=2, batch_size=16, lr=1e-4),
+        "squad": dict(epochs=1, batch_size=16, lr=1e-4),
+        "squad_v2": dict(epochs=1, batch_size=16, lr=1e-4),
     },
     "paper": {
         "sst2": dict(epochs=5), "mrpc": dict(epochs=5), "qnli": dict(epochs=5),

@@ -11,19 +11,17 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import torch
-
 RECORD_SCHEMA = 1
 STATUS_FILE = "status.json"
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,16 +47,6 @@ def status_of(run_dir: Path) -> str | None:
 
 
 @dataclass
-class PaddingResult:
-    """One padding mode's measurement of a run."""
-
-    macs_sum: int
-    macs_per_example: float
-    positions: int                 # token positions entering layer 1, summed over the eval set
-    eval_seconds: float
-
-
-@dataclass
 class RunRecord:
     method: str
     task: str
@@ -74,10 +62,12 @@ class RunRecord:
     main_metric: str
     metrics: dict[str, float]                       # points (0-100), from the first padding mode
     metric_ci: dict[str, tuple[float, float]]       # bootstrap 95% interval over examples
-    padding: dict[str, PaddingResult]
+    baseline_metrics: dict[str, float]              # the baseline on the same examples
+    padding: dict[str, dict]                        # mode -> measure.ModeMeasurement
     executed: bool                                  # computed tokens are physically removed
     train: list[dict]
     train_seconds: float
+    tokenize_seconds: float                         # eval set, reported apart from model time
     needs: dict[str, str] = field(default_factory=dict)
     status: str = "finished"
     schema: int = RECORD_SCHEMA
@@ -97,6 +87,8 @@ def _git(*args: str) -> str | None:
 
 def environment(data_sha256: dict[str, str]) -> dict:
     """Provenance: code version, packages, threads, hardware and the data read."""
+    import torch
+
     sha = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if sha else None
     versions = {}

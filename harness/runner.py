@@ -25,10 +25,17 @@ from skimbench.errors import UsageError
 from skimbench.evaluate import evaluate
 from skimbench.features import encode, padding_modes
 from skimbench.hub import go_offline_if_unreachable
-from skimbench.method import Context, Method, check_supports, get_method
+from skimbench.measure import measure_mode
+from skimbench.method import (
+    CHECKPOINT,
+    Context,
+    Method,
+    check_supports,
+    get_method,
+    load_checkpoint,
+)
 from skimbench.profiles import BUDGET_KEYS, Budget, budget_for
 from skimbench.records import (
-    PaddingResult,
     RunRecord,
     environment,
     read_json,
@@ -38,9 +45,10 @@ from skimbench.records import (
     write_json,
 )
 from skimbench.tasks import OFFLINE_SPLIT_SEED, Task, data_source, get_task, load_task_data
+from skimbench.timing import PeakRSS
 from skimbench.trainer import save_state, train
 
-CHECKPOINT = "checkpoint/model.pt"
+BASELINE = "baseline"
 
 
 @dataclass
@@ -52,7 +60,7 @@ class RunSpec:
     backbone: str | None = None            # None: the profile's backbone
     profile: str = "ci"
     seed: int = 42
-    padding: str = "batch"
+    padding: str = "all"
     overrides: dict[str, str] = field(default_factory=dict)
     out: Path = Path("results")
     data_dir: Path | str | None = None
@@ -210,10 +218,13 @@ def run(spec: RunSpec, echo=print) -> Path:
         if differences:  # --overwrite: stale checkpoints must not be resumed
             for stale in (run_dir / "checkpoint").glob("*.pt"):
                 stale.unlink()
+    wanted = set(resolved.method.needs)
+    if resolved.method.key != BASELINE:
+        wanted.add(BASELINE)  # every speedup is against the baseline, in the same mode
     needs = {need: run(RunSpec(method=need, task=spec.task, backbone=resolved.backbone.name,
                                profile=spec.profile, seed=spec.seed, padding=spec.padding,
                                out=spec.out, data_dir=spec.data_dir), echo)
-             for need in resolved.method.needs}
+             for need in sorted(wanted)}
     write_json(config_path, config)
     set_status(run_dir, "running")
     log = Logger(run_dir / "log.txt", echo)
@@ -242,7 +253,9 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
     encode_args = dict(max_length=max_length, doc_stride=budget.doc_stride,
                        max_query_length=budget.max_query_length)
     train_features = encode(task, train_examples, tokenizer, **encode_args)
+    started = time.perf_counter()
     eval_features = encode(task, eval_examples, tokenizer, **encode_args)
+    tokenize_seconds = time.perf_counter() - started
     log(f"data ({data.source}): {data.split}; {len(train_examples)} train examples "
         f"({len(train_features)} features), {len(eval_examples)} eval examples "
         f"({len(eval_features)} features)")
@@ -259,13 +272,25 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
     for stage_file in checkpoint.parent.glob("stage-*.pt"):
         stage_file.unlink()
 
-    evaluations = {}
+    baseline = base_model = None
+    if method.key != BASELINE:
+        baseline = get_method(BASELINE)(get_method(BASELINE).Config())
+        base_model = load_checkpoint(baseline.build(ctx), needs[BASELINE]).eval()
+    evaluations, measured, baseline_metrics = {}, {}, {}
     for padding in r.paddings:
-        evaluations[padding] = evaluate(method, model, task, eval_examples, eval_features,
-                                        padding, budget.eval_batch_size, max_length)
-        e = evaluations[padding]
-        log(f"eval [{padding}] {task.main_metric} {e.metrics[task.main_metric]:.2f} "
-            f"macs/example {e.macs_sum / len(eval_examples):.3e} ({e.seconds:.1f}s)")
+        args = (task, eval_examples, eval_features, padding, budget.eval_batch_size, max_length)
+        with PeakRSS() as memory:
+            e = evaluations[padding] = evaluate(method, model, *args)
+        base = evaluate(baseline, base_model, *args) if baseline is not None else None
+        baseline_metrics.setdefault("metrics", (base or e).metrics)
+        m = measured[padding] = measure_mode(method, model, baseline, base_model, eval_features,
+                                             padding, budget, max_length, e, base,
+                                             memory.peak_mb)
+        log(f"[{padding}] {task.main_metric} {e.metrics[task.main_metric]:.2f}, "
+            f"MACs/example {m.macs_per_example:.3e}, FLOPs speedup {m.flops_speedup:.2f}x, "
+            f"CPU time speedup {m.cpu_time_speedup:.2f}x"
+            + (f" (oracle {m.oracle_speedup:.2f}x)" if m.oracle_speedup else "")
+            + (" [MACs MISMATCH vs counter]" if m.macs_mismatch else ""))
     first = evaluations[r.paddings[0]]
     record = RunRecord(
         method=method.key, task=task.key, task_kind=task.kind, backbone=r.backbone.name,
@@ -273,10 +298,10 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
         num_train_examples=len(train_examples), num_eval_examples=len(eval_examples),
         num_eval_features=len(eval_features), main_metric=task.main_metric,
         metrics=first.metrics, metric_ci=first.metric_ci,
-        padding={mode: PaddingResult(e.macs_sum, e.macs_sum / len(eval_examples), e.positions,
-                                     e.seconds) for mode, e in evaluations.items()},
-        executed=True, train=summaries, train_seconds=train_seconds,
-        needs={k: str(v) for k, v in needs.items()})
+        baseline_metrics=baseline_metrics["metrics"],
+        padding={mode: asdict(m) for mode, m in measured.items()},
+        executed=method.executed, train=summaries, train_seconds=train_seconds,
+        tokenize_seconds=tokenize_seconds, needs={k: str(v) for k, v in needs.items()})
     lines = []
     for index, row in enumerate(first.predictions):
         row = dict(row, macs_by_padding={m: e.predictions[index]["macs"]
@@ -288,9 +313,3 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
     log(f"finished: {task.main_metric} {first.metrics[task.main_metric]:.2f} "
         f"(95% CI {first.metric_ci[task.main_metric][0]:.2f}-"
         f"{first.metric_ci[task.main_metric][1]:.2f}); record {run_dir / 'record.json'}")
-
-
-def load_checkpoint(model: torch.nn.Module, run_dir: Path) -> torch.nn.Module:
-    """Load a finished run's trained weights into a model of the same shape."""
-    model.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu"))
-    return model
