@@ -26,3 +26,10 @@ def tests(session):
 def lint(session):
     session.install("ruff")
     session.run("ruff", "check", "harness", "methods", "tests", "noxfile.py")
+
+
+@nox.session
+def bench(session):
+    """Harness benchmarks (overhead, MACs speed, repeatability, latency floors); minutes."""
+    install(session)
+    session.run("python", "benchmarks/bench.py", *session.posargs)

@@ -93,8 +93,8 @@ def list_(what: str):
               help="minilm, random:<config>, a hub name or a local path [profile's default].")
 @click.option("--profile", "-p", default="ci", show_default=True,
               help="Budget profile: smoke, ci, local or paper.")
-@click.option("--padding", default="batch", show_default=True,
-              help="Padding mode to evaluate in: sequence, batch, none or all.")
+@click.option("--padding", default="all", show_default=True,
+              help="Padding mode(s) to evaluate in: sequence, batch, none or all.")
 @click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a method or budget setting (repeatable), e.g. --set lr=3e-5.")
@@ -112,7 +112,7 @@ def run(method, task, backbone, profile, padding, seed, overrides, data_dir, out
     Examples:
       skimbench run --method baseline --dataset sst2 --profile ci
       skimbench run -m baseline -d squad --data-dir ../shared/data
-      skimbench run -m baseline -d sst2 --profile smoke --set lr=1e-3 --padding all
+      skimbench run -m truncate -d sst2 --profile smoke --set keep_tokens=16 --padding none
     """
     from skimbench.runner import RunSpec, parse_overrides
     from skimbench.runner import run as run_one
@@ -125,6 +125,100 @@ def run(method, task, backbone, profile, padding, seed, overrides, data_dir, out
 
 
 @main.command()
+@click.option("--against", type=click.Path(path_type=Path),
+              default=Path("results/reference"), show_default=True,
+              help="Committed reference run directories (config.json + record.json).")
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
+              show_default=True, help="Where the re-runs go (or are read from with --reuse).")
+@click.option("--reuse", is_flag=True, help="Compare finished records without re-running.")
+@click.option("--profile", default="ci", show_default=True,
+              help="The profile the references must have.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Local data folder [$SKIMBENCH_DATA_DIR].")
+def check(against, results, reuse, profile, data_dir):
+    """Re-run the reference configurations and fail on regressions (DESIGN 8).
+
+    A breach is a metric more than 1 point (or the reference's bootstrap half-width) below the
+    reference, a FLOPs speedup more than 2% lower, or a time speedup more than 20% lower.
+
+    \b
+    Examples:
+      skimbench check --against results/reference
+      skimbench check --against results/reference --reuse
+    """
+    from skimbench.check import check as run_check
+
+    breaches = run_check(against, results, reuse, profile, data_dir,
+                         echo=lambda line: click.echo(line, err=True))
+    for line in breaches:
+        click.echo(f"BREACH {line}")
+    if breaches:
+        sys.exit(1)
+    click.echo("check passed: no regression against the references")
+
+
+@main.command()
+@click.option("--results", type=click.Path(path_type=Path), default=Path("results"),
+              show_default=True, help="Folder searched for finished run records.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"),
+              show_default=True, help="Where tables, plots and README.md are written.")
+def report(results, out):
+    """Tables (Markdown, CSV, LaTeX) and Pareto plots (PNG, SVG) from every finished run.
+
+    \b
+    Examples:
+      skimbench report
+      skimbench report --results results/published --out reports
+    """
+    from skimbench.report import write_report
+
+    files = write_report(results, out)
+    click.echo(f"wrote {len(files)} files; index: {files[-1]}")
+
+
+@main.command()
+@click.option("--backbone", "-b", default="minilm", show_default=True)
+@click.option("--lengths", default="8,16,24,32,64,128,256,384,512", show_default=True)
+@click.option("--batch", "batches", default="1,32", show_default=True,
+              help="Batch sizes, comma-separated.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results/latency"),
+              show_default=True, help="Folder for <backbone>.json.")
+def latency(backbone, lengths, batches, out):
+    """Time the plain encoder vs input length and fit its floor t(n) = t0 + MACs(n)/R.
+
+    \b
+    Examples:
+      skimbench latency --backbone minilm
+      skimbench latency --backbone random:bert-base --lengths 8,24,128,384 --batch 1
+    """
+    from skimbench.backbone import resolve_backbone
+    from skimbench.latency import latency_curve
+    from skimbench.records import write_json
+
+    resolved = resolve_backbone(backbone)
+    curve = latency_curve(backbone, _positive_ints("--lengths", lengths),
+                          _positive_ints("--batch", batches),
+                          echo=lambda line: click.echo(line, err=True))
+    path = Path(out) / f"{resolved.slug}-{curve['device']}.json"
+    write_json(path, curve)
+    _table(("batch", "floor t0 (ms)", "throughput (GMAC/s)"),
+           [(b, f"{f['t0_ms']:.1f}", f"{f['gmacs_per_s']:.1f}") for b, f in curve["fit"].items()])
+    click.echo(f"written {path}")
+
+
+def _positive_ints(option: str, text: str) -> list[int]:
+    from skimbench.errors import UsageError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{option} takes comma-separated positive integers, got {text!r}")
+    return values
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def show(run_dir: Path):
     """Print a run's record as a table.
@@ -134,6 +228,57 @@ def show(run_dir: Path):
       skimbench show results/runs/sst2/baseline/ci-minilm-s42
     """
     _show(run_dir)
+
+
+@main.command()
+@click.option("--backbone", "-b", default="minilm", show_default=True,
+              help="minilm, random:<config>, a hub name or a local path.")
+@click.option("--length", "-n", "lengths", default="128,384", show_default=True,
+              help="Comma-separated sequence lengths (one unpadded batch each).")
+@click.option("--attn", default="sdpa,eager", show_default=True,
+              help="Comma-separated attention implementations: sdpa, eager.")
+@click.option("--kind", type=click.Choice(["classification", "extractive_qa"]),
+              default="classification", show_default=True,
+              help="Task head: pooler + classifier, or the QA span head.")
+@click.option("--counters", default="flop_counter,torchprofile,ptflops", show_default=True,
+              help="Comma-separated FLOPs counters to run.")
+def flops(backbone, lengths, attn, kind, counters):
+    """Compare FLOPs counters with the analytic MACs of one forward (DESIGN 4.1, 4.2).
+
+    \b
+    Examples:
+      skimbench flops --backbone random:bert-base --length 128,384
+      skimbench flops -b minilm -n 64 --attn sdpa --counters flop_counter,ptflops
+      skimbench flops -b random:tiny -n 16 --kind extractive_qa
+    """
+    from skimbench import flops as counting
+
+    names = counting.parse_list(counters, "counters", counting.COUNTERS)
+    rows = counting.compare_counters(
+        backbone, counting.parse_lengths(lengths),
+        counting.parse_list(attn, "attn", counting.ATTN_IMPLEMENTATIONS), kind=kind,
+        counters=names)
+    header = ("length", "attn", "analytic GMACs")
+    for name in names:
+        header += (f"{name} GMACs", "diff")
+    table, failures = [], []
+    for row in rows:
+        cells = (str(row["length"]), row["attn"], f"{row['analytic'] / 1e9:.4g}")
+        for name in names:
+            result = row["counters"][name]
+            if result["macs"] is None:
+                cells += ("failed", "-")
+                failures.append(f"{name} failed at length {row['length']}, {row['attn']}: "
+                                f"{result['error']}")
+            else:
+                cells += (f"{result['macs'] / 1e9:.4g}", f"{100 * result['diff']:+.2f}%")
+        table.append(cells)
+    _table(header, table)
+    for line in failures:
+        click.echo(line)
+    click.echo(f"\nMACs of one forward, batch size 1, {backbone}, {kind} head; FLOPs = 2 x MACs. "
+               "diff = (counter - analytic) / analytic.\nNot counted by the analytic formula "
+               "(DESIGN 4.1): embeddings, layer norms, softmax, activations and biases.")
 
 
 def _show(run_dir: Path) -> None:
@@ -154,8 +299,16 @@ def _show(run_dir: Path) -> None:
     for name, value in r["metrics"].items():
         ci = r["metric_ci"].get(name)
         rows.append((name, f"{value:.2f}" + (f"  [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")))
+    for name, value in r.get("baseline_metrics", {}).items():
+        rows.append((f"baseline {name}", f"{value:.2f}"))
     for mode, p in r["padding"].items():
-        rows.append((f"MACs/example [{mode}]", f"{p['macs_per_example']:.4g}"))
+        rows.append((f"MACs/example [{mode}]", f"{p['macs_per_example']:.4g}"
+                     + ("  (counter disagrees >1%)" if p.get("macs_mismatch") else "")))
+        rows.append((f"FLOPs speedup [{mode}]", f"{p['flops_speedup']:.2f}x"))
+        if p.get("cpu_time_speedup") is not None:
+            oracle = p.get("oracle_speedup")
+            rows.append((f"CPU time speedup [{mode}]", f"{p['cpu_time_speedup']:.2f}x"
+                         + (f"  (oracle {oracle:.2f}x)" if oracle else "")))
     rows.append(("train time", f"{r['train_seconds']:.1f}s"))
     _table(("field", "value"), rows)
 

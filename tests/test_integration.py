@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 # Floors: measured on this 2-core machine minus a margin (see README "Measured").
 SST2_CI_ACCURACY_FLOOR = 80.0
-SQUAD_CI_F1_FLOOR = 10.0
+SQUAD_CI_F1_FLOOR = 9.0
 
 
 def test_ci_baseline_on_real_sst2(shared_data, tmp_path):

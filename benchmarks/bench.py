@@ -1,0 +1,136 @@
+"""Benchmarks of the harness itself (issue 4): `nox -s bench` or `python benchmarks/bench.py`.
+
+Writes results/bench.json and prints each figure with its target:
+  (a) harness overhead: baseline eval throughput through skimbench vs a bare transformers loop
+      on the same tensors (target ratio >= 0.9);
+  (b) analytic MACs of 10,000 traced examples (target < 1 s);
+  (c) repeatability: one A/B time speedup measured twice (target: within 5%);
+  (d) latency curves and floors of minilm and random:bert-base, and the removal efficiency of
+      truncating SQuAD-length inputs to half (target >= 0.95: truncation has no overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from skimbench.backbone import resolve_backbone
+from skimbench.features import collate, eval_batches
+from skimbench.latency import latency_curve
+from skimbench.measure import forward_all, replay_all
+from skimbench.method import get_method
+from skimbench.model import TaskModel, Trace
+from skimbench.tasks import CLASSIFICATION
+from skimbench.timing import TimingConfig, time_ab
+
+
+def random_features(count: int, length: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(max(2, length // 2), length + 1, (count,), generator=g)
+    return [{"input_ids": [101] + torch.randint(1000, 30000, (int(n) - 2,), generator=g)
+             .tolist() + [102], "token_type_ids": [0] * int(n), "labels": 0,
+             "example_index": i} for i, n in enumerate(lengths)]
+
+
+def model_for(backbone: str) -> TaskModel:
+    torch.manual_seed(0)
+    return TaskModel(resolve_backbone(backbone).encoder("sdpa"), CLASSIFICATION, 2).eval()
+
+
+def harness_overhead(config: TimingConfig) -> dict:
+    """(a) skimbench's eval path (collate + method.forward + trace) vs bare HF on tensors."""
+    model = model_for("minilm")
+    baseline = get_method("baseline")(get_method("baseline").Config())
+    features = random_features(256, 64)
+    tensors = [collate(features[i:i + 32], None) for i in range(0, len(features), 32)]
+
+    def through_skimbench():
+        with torch.inference_mode():
+            for batch in eval_batches(features, "batch", 32, 64):
+                out = baseline.forward(model, batch)
+                out.trace.macs(model.hidden_size, model.ffn_size)
+
+    def bare_transformers():
+        with torch.inference_mode():
+            for batch in tensors:
+                pooled = model.encoder(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"],
+                                       token_type_ids=batch["token_type_ids"]).pooler_output
+                model.head(pooled)
+
+    ab = time_ab(bare_transformers, through_skimbench, config)
+    return {"ratio": ab.speedup, "bare_median_s": ab.baseline.median_s,
+            "skimbench_median_s": ab.method.median_s, "load_flagged": ab.load_flagged,
+            "target": ">= 0.9", "ok": ab.speedup >= 0.9}
+
+
+def analytic_macs_speed() -> dict:
+    """(b) MACs of 10,000 traced examples from their schedules."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 512, (10_000, 12), generator=g)
+    started = time.perf_counter()
+    trace = Trace(tokens, tokens, tokens, tokens * tokens,
+                  torch.full((10_000,), 12), torch.zeros(10_000, dtype=torch.long))
+    total = int(trace.macs(768, 3072).sum())
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "examples": 10_000, "total_macs": total, "target": "< 1 s",
+            "ok": seconds < 1.0}
+
+
+def repeatability(config: TimingConfig) -> dict:
+    """(c) the same truncate-vs-baseline time speedup measured twice."""
+    model = model_for("minilm")
+    baseline = get_method("baseline")(get_method("baseline").Config())
+    truncate = get_method("truncate")(get_method("truncate").Config(keep_tokens=64))
+    batches = [collate([f], None) for f in random_features(16, 128, seed=1)]
+    first, second = (time_ab(forward_all(baseline, model, batches),
+                             forward_all(truncate, model, batches), config) for _ in range(2))
+    spread = abs(first.speedup - second.speedup) / first.speedup
+    return {"first": first.speedup, "second": second.speedup, "relative_difference": spread,
+            "target": "within 5%", "ok": spread <= 0.05}
+
+
+def removal_efficiency(config: TimingConfig) -> dict:
+    """(d) truncate SQuAD-length inputs (384) to half: time speedup / oracle speedup."""
+    model = model_for("minilm")
+    baseline = get_method("baseline")(get_method("baseline").Config())
+    truncate = get_method("truncate")(get_method("truncate").Config(keep_tokens=192))
+    batches = [collate([f], 384) for f in random_features(8, 384, seed=2)]
+    ours = time_ab(forward_all(baseline, model, batches), forward_all(truncate, model, batches),
+                   config)
+    oracle = time_ab(forward_all(baseline, model, batches), replay_all(model, truncate, batches),
+                     config)
+    efficiency = ours.speedup / oracle.speedup
+    return {"time_speedup": ours.speedup, "oracle_speedup": oracle.speedup,
+            "removal_efficiency": efficiency, "target": ">= 0.95", "ok": efficiency >= 0.95}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results/bench.json"))
+    parser.add_argument("--min-seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    config = TimingConfig(warmup=2, min_iters=10, min_seconds=args.min_seconds)
+    figures = {"threads": torch.get_num_threads()}
+    figures["a_harness_overhead"] = harness_overhead(config)
+    figures["b_analytic_macs"] = analytic_macs_speed()
+    figures["c_repeatability"] = repeatability(config)
+    figures["d_removal_efficiency"] = removal_efficiency(config)
+    curve_config = TimingConfig(warmup=1, min_iters=3, min_seconds=0.5, max_seconds=20.0)
+    figures["d_latency_curves"] = {
+        "minilm": latency_curve("minilm", (8, 16, 24, 32, 64, 128, 256, 384, 512), (1, 32),
+                                curve_config, echo=lambda _: None)["fit"],
+        "random:bert-base": latency_curve("random:bert-base", (8, 16, 24, 32, 64, 128, 384),
+                                          (1,), curve_config, echo=lambda _: None)["fit"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

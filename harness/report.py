@@ -1,0 +1,90 @@
+"""`skimbench report` (DESIGN 7): every finished record -> one frame -> tables, plots, index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from skimbench.errors import UsageError
+from skimbench.records import read_json, status_of
+from skimbench.tasks import TASKS
+
+
+def finished_runs(results: Path) -> list[Path]:
+    """Run directories under `results` whose record is finished."""
+    return sorted(p.parent for p in Path(results).glob("**/record.json")
+                  if status_of(p.parent) in (None, "finished"))
+
+
+def run_label(config: dict) -> str:
+    """The method and its settings, e.g. "truncate keep_tokens=16 finetune=False"."""
+    settings = " ".join(f"{k}={v}" for k, v in config.get("method_config", {}).items())
+    return f"{config['method']} {settings}".strip()
+
+
+def _latency_floor(latency_dir: Path, backbone_slug: str, batch: str) -> float | None:
+    path = latency_dir / f"{backbone_slug}-cpu.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["fit"].get(batch, {}).get("t0_ms")
+
+
+def _gpu(mode: dict, batch_size: int) -> tuple[float | None, float | None]:
+    gpu = mode.get("gpu") or {}
+    fp32 = gpu.get("float32", {})
+    entry = fp32.get(str(batch_size)) or fp32.get(batch_size)
+    peaks = [e["peak_mb"] for dtype in gpu.values() for e in dtype.values()]
+    return (entry or {}).get("speedup"), (max(peaks) if peaks else None)
+
+
+def records_frame(results: Path, latency_dir: Path | None = None):
+    """One row per finished run and padding mode, in report_render's FRAME_COLUMNS."""
+    import pandas as pd
+
+    from skimbench.backbone import resolve_backbone
+    from skimbench.report_render import FRAME_COLUMNS
+
+    latency_dir = latency_dir or Path(results) / "latency"
+    rows = []
+    for run_dir in finished_runs(results):
+        record = read_json(run_dir / "record.json")
+        config = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {
+            "method": record["method"]}
+        modes = record["padding"]
+        inflation = (modes["sequence"]["flops_speedup"] / modes["none"]["flops_speedup"]
+                     if "sequence" in modes and "none" in modes else None)
+        slug = resolve_backbone(record["backbone"]).slug if ":" in record["backbone"] else (
+            record["backbone"].replace("/", "--"))
+        ci = record["metric_ci"].get(record["main_metric"], (None, None))
+        for padding, m in modes.items():
+            gpu_speedup, cuda_peak = _gpu(m, 1 if padding == "none" else 32)
+            rows.append({
+                "task": record["task"], "task_title": TASKS[record["task"]].title,
+                "method": record["method"], "label": run_label(config),
+                "backbone": record["backbone"], "profile": record["profile"],
+                "seed": record["seed"], "run_dir": str(run_dir),
+                "main_metric": record["main_metric"],
+                "metric": record["metrics"][record["main_metric"]],
+                "ci_low": ci[0], "ci_high": ci[1], "padding": padding,
+                "macs_per_example": m["macs_per_example"], "flops_speedup": m["flops_speedup"],
+                "padding_inflation": inflation, "cpu_time_speedup": m.get("cpu_time_speedup"),
+                "gpu_time_speedup": gpu_speedup, "oracle_speedup": m.get("oracle_speedup"),
+                "removal_efficiency": m.get("removal_efficiency"),
+                "latency_floor_ms": _latency_floor(latency_dir, slug,
+                                                   "1" if padding == "none" else "32"),
+                "peak_rss_mb": m.get("peak_rss_mb"), "cuda_peak_mb": cuda_peak,
+                "executed": record["executed"], "macs_mismatch": m.get("macs_mismatch", False),
+                "load_flagged": bool((m.get("cpu") or {}).get("load_flagged", False)),
+            })
+    if not rows:
+        raise UsageError(f"no finished run records under {results}: run `skimbench run` first "
+                         "or point --results at a folder of run directories")
+    return pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
+
+
+def write_report(results: Path, out: Path) -> list[Path]:
+    from skimbench.report_render import write_index, write_pareto, write_task_tables
+
+    frame = records_frame(results)
+    files = write_task_tables(frame, out) + write_pareto(frame, out)
+    return [*files, write_index(out, files, frame)]

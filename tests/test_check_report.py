@@ -1,0 +1,110 @@
+"""`skimbench check` passes on unchanged records and fails on degraded ones; `skimbench report`
+and `skimbench latency` write what they promise from real (smoke) runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from skimbench.cli import main
+from skimbench.records import read_json, write_json
+from skimbench.runner import RunSpec, run
+
+
+@pytest.fixture
+def smoke_runs(tiny_data, tmp_path):
+    """baseline, truncate and layerdrop smoke runs in all padding modes, under tmp/results."""
+    out = tmp_path / "results"
+    dirs = [run(RunSpec(method, "sst2", profile="smoke", padding="all", data_dir=tiny_data,
+                        out=out, overrides=settings), lambda _: None)
+            for method, settings in (("baseline", {}), ("truncate", {"keep_tokens": "6"}),
+                                     ("layerdrop", {"keep_layers": "1"}))]
+    return out, dirs
+
+
+def make_reference(dirs, reference):
+    for run_dir in dirs:
+        target = reference / run_dir.relative_to(run_dir.parents[2])
+        target.mkdir(parents=True)
+        for name in ("config.json", "record.json"):
+            shutil.copy(run_dir / name, target / name)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_check_passes_then_catches_each_kind_of_regression(smoke_runs, tmp_path, tiny_data):
+    out, dirs = smoke_runs
+    reference = tmp_path / "reference"
+    make_reference(dirs, reference)
+    ok = invoke("check", "--against", str(reference), "--results", str(out), "--reuse",
+                "--profile", "smoke")
+    assert ok.exit_code == 0 and "check passed" in ok.output
+    truncate = dirs[1] / "record.json"
+    record = read_json(truncate)
+    low, high = record["metric_ci"]["accuracy"]
+    record["metrics"]["accuracy"] -= max(1.0, (high - low) / 2) + 0.5
+    record["padding"]["none"]["flops_speedup"] *= 0.9
+    record["padding"]["batch"]["cpu_time_speedup"] *= 0.5
+    write_json(truncate, record)
+    bad = invoke("check", "--against", str(reference), "--results", str(out), "--reuse",
+                 "--profile", "smoke")
+    assert bad.exit_code == 1
+    breaches = [line for line in bad.output.splitlines() if line.startswith("BREACH")]
+    assert len(breaches) == 3 and all("sst2/truncate" in line for line in breaches)
+    assert any("accuracy" in b for b in breaches) and any("flops_speedup [none]" in b
+                                                          for b in breaches)
+    # re-running (no --reuse) the reference configurations reproduces metrics and MACs exactly
+    # (smoke timings are too short to compare, so time breaches are not asserted either way)
+    rerun = invoke("check", "--against", str(reference), "--results", str(tmp_path / "again"),
+                   "--profile", "smoke", "--data-dir", str(tiny_data))
+    breaches = [line for line in rerun.output.splitlines() if line.startswith("BREACH")]
+    assert not [b for b in breaches if "accuracy" in b or "flops_speedup" in b], breaches
+    assert (tmp_path / "again/runs/sst2/layerdrop").is_dir()
+
+
+def test_check_without_references_or_with_another_profile(smoke_runs, tmp_path):
+    out, dirs = smoke_runs
+    empty = tmp_path / "none"
+    empty.mkdir()
+    result = invoke("check", "--against", str(empty), "--results", str(out), "--reuse")
+    assert result.exit_code == 2 and "no reference records" in result.output
+    reference = tmp_path / "reference"
+    make_reference(dirs[:1], reference)
+    result = invoke("check", "--against", str(reference), "--results", str(out), "--reuse")
+    assert result.exit_code == 2 and "profile(s) smoke" in result.output
+
+
+def test_report_writes_tables_plots_and_index(smoke_runs, tmp_path):
+    out, _ = smoke_runs
+    reports = tmp_path / "reports"
+    result = invoke("report", "--results", str(out), "--out", str(reports))
+    assert result.exit_code == 0, result.output
+    for name in ("sst2.md", "sst2.csv", "sst2.tex", "pareto-sst2.png", "pareto-sst2.svg",
+                 "README.md"):
+        assert (reports / name).stat().st_size > 0, name
+    table = (reports / "sst2.md").read_text()
+    assert "truncate keep_tokens=6" in table and "layerdrop keep_layers=1" in table
+    assert (reports / "pareto-sst2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    index = (reports / "README.md").read_text()
+    assert "sst2.md" in index and "pareto-sst2.png" in index and "smoke" in index
+
+
+def test_report_without_records_is_one_line(tmp_path):
+    result = invoke("report", "--results", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "no finished run records" in result.output
+
+
+def test_latency_curve_command(tmp_path):
+    result = invoke("latency", "--backbone", "random:tiny", "--lengths", "8,16,32",
+                    "--batch", "1", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    curve = json.loads((tmp_path / "random-tiny-cpu.json").read_text())
+    assert [p["length"] for p in curve["points"]] == [8, 16, 32]
+    assert curve["fit"]["1"]["t0_ms"] >= 0
+    bad = invoke("latency", "--backbone", "random:tiny", "--lengths", "8,-1")
+    assert bad.exit_code == 2 and "positive integers" in bad.output

@@ -1,0 +1,178 @@
+"""Report rendering (DESIGN 7) on a small synthetic report frame: tables, frontier, plots,
+package data and the index."""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+
+import pandas as pd
+import pytest
+
+from skimbench import report_render as rr
+
+NAN = math.nan
+
+# label -> method, metric, CI, FLOPs speedup per mode (none, batch, sequence), CPU speedup
+RUNS = {
+    "baseline": ("baseline", 91.2, (90.1, 92.3), (1.0, 1.0, 1.0), (1.0, 1.0)),
+    "truncate k=32": ("truncate", 88.5, (87.2, 89.7), (1.4, 1.9, 2.2), (1.1, 1.5)),
+    "truncate k=16": ("truncate", 84.0, (82.6, 85.3), (2.1, 3.3, 4.4), (1.2, 2.0)),
+    "layerdrop keep_4": ("layerdrop", 86.1, (84.9, 87.4), (1.8, 1.8, 1.8), (1.5, 1.7)),
+}
+
+
+def make_frame(flag: str | None = "truncate k=16", modes=("sequence", "batch", "none")):
+    rows = []
+    for label, (method, metric, (low, high), flops, cpu) in RUNS.items():
+        by_mode = dict(zip(("none", "batch", "sequence"), flops, strict=True))
+        for mode in modes:
+            rows.append({
+                "task": "sst2", "task_title": "GLUE SST-2", "method": method, "label": label,
+                "backbone": "minilm", "profile": "local", "seed": 42,
+                "run_dir": f"results/runs/sst2/{method}/{label.replace(' ', '-')}",
+                "main_metric": "accuracy", "metric": metric, "ci_low": low, "ci_high": high,
+                "padding": mode, "macs_per_example": 1e9 / by_mode[mode],
+                "flops_speedup": by_mode[mode],
+                "padding_inflation": by_mode["sequence"] / by_mode["none"],
+                "cpu_time_speedup": {"none": cpu[0], "batch": cpu[1]}.get(mode, NAN),
+                "gpu_time_speedup": NAN, "oracle_speedup": NAN if mode == "sequence" else 1.3,
+                "removal_efficiency": NAN, "latency_floor_ms": 5.1 if mode == "none" else None,
+                "peak_rss_mb": 812.0, "cuda_peak_mb": None, "executed": True,
+                "macs_mismatch": False,
+                "load_flagged": label == flag and mode == "batch",
+            })
+    return pd.DataFrame(rows, columns=list(rr.FRAME_COLUMNS))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reports")
+    frame = make_frame()
+    files = rr.write_task_tables(frame, out) + rr.write_pareto(frame, out)
+    return out, files, rr.write_index(out, files, frame)
+
+
+def points(*pairs):
+    return pd.DataFrame({"label": [f"p{i}" for i in range(len(pairs))],
+                         "metric": [m for m, _ in pairs], "speedup": [s for _, s in pairs]})
+
+
+def test_frontier_drops_dominated_points_and_keeps_ties():
+    pts = points((90, 1.0), (85, 2.0), (84, 1.5), (85, 2.0), (80, 2.0), (70, 4.0), (91, 1.0))
+    front = rr.pareto_frontier(pts)
+    # p0 (90, 1.0) is beaten by p6 (91, 1.0); p2 by p1; p4 (same speedup, lower metric) by p1;
+    # the two identical points p1 and p3 do not dominate each other.
+    assert list(front["label"]) == ["p6", "p1", "p3", "p5"]
+    assert list(front["speedup"]) == [1.0, 2.0, 2.0, 4.0]
+    assert rr.pareto_frontier(points()).empty
+
+
+def test_pareto_points_per_mode():
+    pts = rr.pareto_points(make_frame(), "sequence")
+    assert set(pts["label"]) == set(RUNS)
+    kinds = dict(zip(pts["label"], pts["kind"], strict=True))
+    assert kinds["baseline"] == "baseline" and kinds["layerdrop keep_4"] == "simple"
+    assert dict(zip(pts["label"], pts["speedup"], strict=True))["truncate k=16"] == 4.4
+    assert rr.pareto_points(make_frame(), "none", "gpu_time_speedup").empty
+
+
+def test_table_baseline_first_sorted_and_formatted():
+    table = rr.task_table(make_frame(flag=None))
+    assert list(table["run"]) == ["baseline", "layerdrop keep_4", "truncate k=16",
+                                  "truncate k=32"]
+    base = table.iloc[0]
+    for mode in ("none", "batch", "sequence"):
+        assert base[f"FLOPs speedup ({mode})"] == "1.00x"
+    assert base["accuracy [95% CI]"] == "91.2 [90.1, 92.3]"
+    k16 = table.iloc[2]
+    assert k16["FLOPs speedup (sequence)"] == "4.40x"
+    assert k16["padding inflation"] == "2.10x"
+    assert k16["CPU speedup bs1 (none)"] == "1.20x" and k16["CPU speedup (batch)"] == "2.00x"
+    assert k16["GPU speedup bs1 (none)"] == "n/a" and k16["peak RSS MB"] == "812"
+    assert table.attrs["footnotes"] == {}
+    numeric = rr.task_table(make_frame(flag=None), numeric=True)
+    assert numeric["flops_speedup_none"].iloc[0] == 1.0 and len(numeric) == 4
+    assert numeric["executed"].tolist() == [True] * 4
+    renamed = make_frame(flag=None).replace({"label": {"truncate k=16": "truncate k=8"}})
+    assert list(rr.task_table(renamed)["run"])[2:] == ["truncate k=8", "truncate k=32"]
+
+
+def test_ci_formatting():
+    assert rr.format_metric_ci(91.234, 90.06, 92.349) == "91.2 [90.1, 92.3]"
+    assert rr.format_metric_ci(88.0, None, NAN) == "88.0"
+    assert rr.format_metric_ci(None) == "n/a"
+
+
+def test_footnote_only_when_a_row_is_flagged(tmp_path):
+    dagger = rr.FLAGS["load_flagged"][0]
+    flagged = rr.task_table(make_frame())
+    assert flagged["run"].str.contains(dagger).tolist() == [False, False, True, False]
+    assert list(flagged.attrs["footnotes"]) == [dagger]
+    clean_md = rr.write_task_tables(make_frame(flag=None), tmp_path)[0].read_text()
+    assert not any(marker in clean_md for marker, _ in rr.FLAGS.values())
+    frame = make_frame(flag=None)
+    frame.loc[frame["label"] == "baseline", "executed"] = False
+    assert rr.FLAGS["not_executed"][0] in rr.task_table(frame)["run"].iloc[0]
+
+
+def test_tables_written(written):
+    out, files, _ = written
+    md, csv, tex = (out / f"sst2.{ext}" for ext in ("md", "csv", "tex"))
+    assert {md, csv, tex} <= set(files)
+    assert all(path.stat().st_size > 0 for path in files)
+    text = md.read_text()
+    assert text.startswith("# GLUE SST-2")
+    assert "`minilm`" in text and "`local`" in text and "seeds: 42" in text
+    assert "MACs exclude embeddings, layer norms, softmax, activations and biases" in text
+    assert "same padding mode" in text
+    dagger = rr.FLAGS["load_flagged"][0]
+    assert f"{dagger} other processes took more than 10%" in text
+    assert "| baseline | minilm | local | 91.2 [90.1, 92.3] | 1.00x |" in text
+    data = pd.read_csv(csv)
+    assert data["run"].iloc[0] == "baseline" and data["load_flagged"].tolist()[2]
+    latex = tex.read_text()
+    assert "\\begin{tabular}" in latex and "\\end{tabular}" in latex
+    assert "layerdrop keep\\_4" in latex and "95\\% CI" in latex
+    assert "keep_4" not in latex and "$^{\\ddagger}$" in latex
+
+
+def test_pareto_figures_written(written):
+    out, files, _ = written
+    png, svg = out / "pareto-sst2.png", out / "pareto-sst2.svg"
+    assert png in files and svg in files
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert ET.parse(svg).getroot().tag.endswith("svg")
+
+
+def test_empty_panel_does_not_crash(tmp_path):
+    frame = make_frame(modes=("none",))
+    assert rr.pareto_points(frame, "sequence").empty
+    png, svg = rr.write_pareto(frame, tmp_path, speedup_column="cpu_time_speedup")
+    assert png.name == "pareto-sst2-cpu-time.png" and png.stat().st_size > 0
+    assert "no runs measured" in svg.read_text()
+
+
+def test_index_links_every_file_and_names_runs(written):
+    out, files, index = written
+    assert index == out / "README.md"
+    text = index.read_text()
+    for path in files:
+        assert f"]({path.name})" in text
+    assert "`local`" in text and "Produced by profile:" in text
+    assert "`results/runs/sst2/truncate/truncate-k=32`" in text
+    assert "| truncate k=32 | truncate | local | minilm | 42 |" in text
+    assert f"{rr.FLAGS['load_flagged'][0]} other processes took" in text
+
+
+def test_paper_numbers_from_package_data():
+    table = rr.paper_numbers()
+    assert len(table) == 990
+    assert list(table.columns) == ["paper", "table", "backbone", "method", "dataset", "split",
+                                   "metric", "value", "unit", "speedup_kind", "padding",
+                                   "hardware", "batch_size", "note"]
+    row = table[(table["paper"] == "Block-Skim") & (table["table"] == "Table 1")
+                & (table["method"] == "baseline") & (table["dataset"] == "SQuAD 1.1")
+                & (table["backbone"] == "BERT-base") & (table["metric"] == "EM")]
+    assert row["value"].tolist() == ["81.14", "81.14"]  # Table 1 upper and lower half
+    assert row["split"].tolist() == ["unknown", "unknown"] and row["note"].isna().iloc[0]
