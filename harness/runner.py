@@ -143,8 +143,11 @@ def _apply_overrides(overrides: dict[str, str], budget: Budget, method_cls: type
     return replace(budget, **budget_changes), config
 
 
-def default_run_id(profile: str, backbone: Backbone, seed: int, overrides: dict) -> str:
+def default_run_id(profile: str, backbone: Backbone, seed: int, overrides: dict,
+                   padding: str = "all") -> str:
     run_id = f"{profile}-{backbone.slug}-s{seed}"
+    if padding != "all":
+        run_id += f"-{padding}"
     if overrides:
         digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
         run_id += f"-{digest}"
@@ -163,7 +166,8 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     backbone = resolve_backbone(spec.backbone or budget.backbone)
     backbone.config()  # a hub name that cannot be loaded fails here, before any file is written
     budget = replace(budget, backbone=backbone.name)
-    run_id = spec.run_id or default_run_id(spec.profile, backbone, spec.seed, spec.overrides)
+    run_id = spec.run_id or default_run_id(spec.profile, backbone, spec.seed, spec.overrides,
+                                           spec.padding)
     run_dir = Path(spec.out) / "runs" / task.key / method_cls.key / run_id
     return ResolvedRun(spec, method_cls(config), task, backbone, budget, paddings, run_dir)
 
@@ -221,9 +225,10 @@ def run(spec: RunSpec, echo=print) -> Path:
     wanted = set(resolved.method.needs)
     if resolved.method.key != BASELINE:
         wanted.add(BASELINE)  # every speedup is against the baseline, in the same mode
+    # prerequisites are shared by every padding mode: always the full (`all`) run
     needs = {need: run(RunSpec(method=need, task=spec.task, backbone=resolved.backbone.name,
-                               profile=spec.profile, seed=spec.seed, padding=spec.padding,
-                               out=spec.out, data_dir=spec.data_dir), echo)
+                               profile=spec.profile, seed=spec.seed, out=spec.out,
+                               data_dir=spec.data_dir), echo)
              for need in sorted(wanted)}
     write_json(config_path, config)
     set_status(run_dir, "running")

@@ -161,3 +161,13 @@ def test_qa_task_runs_end_to_end(tiny_data, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == record["num_eval_examples"]
     assert all(isinstance(r["prediction"], str) and r["windows"] >= 1 for r in rows)
+
+
+def test_a_single_mode_run_reuses_the_full_baseline(tiny_data, tmp_path):
+    baseline = run(smoke(tiny_data, tmp_path), quiet)
+    stamp = (baseline / "record.json").stat().st_mtime_ns
+    truncate = run(smoke(tiny_data, tmp_path, method="truncate", padding="none"), quiet)
+    assert truncate.name == "smoke-random-tiny-s42-none"
+    assert (baseline / "record.json").stat().st_mtime_ns == stamp
+    record = read_json(truncate / "record.json")
+    assert set(record["padding"]) == {"none"} and record["needs"]["baseline"] == str(baseline)
