@@ -104,8 +104,13 @@ def list_(what: str):
               show_default=True, help="Results folder; runs go to OUT/runs/<task>/<method>/.")
 @click.option("--run-id", default=None, help="Run directory name [<profile>-<backbone>-s<seed>].")
 @click.option("--overwrite", is_flag=True, help="Replace a run directory with another config.")
+@click.option("--counter", default="flop_counter", show_default=True,
+              help="FLOPs counter that cross-checks the traces: flop_counter, torchprofile, "
+                   "ptflops (only flop_counter is held to 1% agreement).")
+@click.option("--threads", type=int, default=None,
+              help="torch threads for training and timing [torch's default: physical cores].")
 def run(method, task, backbone, profile, padding, seed, overrides, data_dir, out, run_id,
-        overwrite):
+        overwrite, counter, threads):
     """Train (or reuse) and evaluate one method on one task; write its run directory.
 
     \b
@@ -119,7 +124,8 @@ def run(method, task, backbone, profile, padding, seed, overrides, data_dir, out
 
     spec = RunSpec(method=method, task=task, backbone=backbone, profile=profile, seed=seed,
                    padding=padding, overrides=parse_overrides(overrides), out=out,
-                   data_dir=data_dir, run_id=run_id, overwrite=overwrite)
+                   data_dir=data_dir, run_id=run_id, overwrite=overwrite, counter=counter,
+                   threads=threads)
     run_dir = run_one(spec, echo=lambda line: click.echo(line, err=True))
     _show(run_dir)
 

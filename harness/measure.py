@@ -27,9 +27,10 @@ class ModeMeasurement:
     eval_seconds: float
     baseline_macs_sum: int
     flops_speedup: float            # baseline MACs sum / method MACs sum, same examples and mode
-    counted_macs: int               # FLOPs counter on the timing sample
+    counter: str                    # which FLOPs counter checked the trace
+    counted_macs: int               # that counter on the timing sample
     schedule_macs: int              # the trace's MACs on the same sample
-    macs_mismatch: bool
+    macs_mismatch: bool             # flop_counter disagrees with the trace by more than 1%
     time_unit: str                  # what one timed sample is
     time_examples: int              # examples per timed sample
     cpu: dict | None                # ABTiming (baseline vs method), or the baseline alone
@@ -96,7 +97,8 @@ class _MethodForward(nn.Module):
         return self.method.forward(self.model, batch)
 
 
-def counted_vs_schedule(method, model: nn.Module, batches: list[dict]) -> tuple[int, int]:
+def counted_vs_schedule(method, model: nn.Module, batches: list[dict],
+                        counter: str = "flop_counter") -> tuple[int, int]:
     """FLOPs-counter MACs and trace MACs of the same forward passes."""
     from skimbench.flops import count_macs
 
@@ -104,7 +106,7 @@ def counted_vs_schedule(method, model: nn.Module, batches: list[dict]) -> tuple[
     wrapper = _MethodForward(method, model).eval()
     with torch.inference_mode():
         for batch in batches:
-            counted += count_macs(wrapper, batch, "flop_counter")
+            counted += count_macs(wrapper, batch, counter)
             trace = method.forward(model, batch).trace
             schedule += int(trace.macs(model.hidden_size, model.ffn_size).sum())
     return counted, schedule
@@ -136,15 +138,20 @@ def gpu_speedups(method, model, baseline, base_model, features: list[dict], padd
 
 def measure_mode(method, model, baseline, base_model, features: list[dict], padding: str,
                  budget: Budget, max_length: int, evaluation, base_evaluation,
-                 peak_rss_mb: float | None) -> ModeMeasurement:
+                 peak_rss_mb: float | None, counter: str = "flop_counter") -> ModeMeasurement:
     """Compare the method with the baseline in one padding mode. For the baseline run itself,
-    `base_model` is None: it is timed alone and its speedups are 1 by definition."""
+    `base_model` is None: it is timed alone and its speedups are 1 by definition.
+
+    Only flop_counter is held to the 1% agreement: torchprofile and ptflops count other ops by
+    design (see skimbench.flops), so with them the difference is recorded, not flagged."""
     batches = timing_batches(features, padding, budget, max_length)
     config = TimingConfig(min_iters=budget.time_min_iters, min_seconds=budget.time_min_seconds,
                           warmup=1 if budget.time_min_seconds == 0 else 2)
     examples = sum(len(b["input_ids"]) for b in batches)
-    counted, schedule = counted_vs_schedule(method, model, batches[: budget.count_batches])
-    mismatch = abs(counted - schedule) > MACS_TOLERANCE * max(schedule, 1)
+    counted, schedule = counted_vs_schedule(method, model, batches[: budget.count_batches],
+                                            counter)
+    mismatch = (counter == "flop_counter"
+                and abs(counted - schedule) > MACS_TOLERANCE * max(schedule, 1))
     gpu = None
     if base_model is None:
         stats = time_one(forward_all(method, model, batches), config)
@@ -167,7 +174,7 @@ def measure_mode(method, model, baseline, base_model, features: list[dict], padd
         macs_sum=evaluation.macs_sum, macs_per_example=evaluation.macs_sum / max(
             1, len(evaluation.predictions)), positions=evaluation.positions,
         eval_seconds=evaluation.seconds, baseline_macs_sum=base_macs,
-        flops_speedup=base_macs / evaluation.macs_sum, counted_macs=counted,
+        flops_speedup=base_macs / evaluation.macs_sum, counter=counter, counted_macs=counted,
         schedule_macs=schedule, macs_mismatch=mismatch, time_unit=unit,
         time_examples=examples, cpu=cpu, cpu_time_speedup=speedup, oracle_speedup=oracle,
         removal_efficiency=efficiency, gpu=gpu, peak_rss_mb=peak_rss_mb)

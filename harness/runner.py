@@ -24,6 +24,7 @@ from skimbench.data import FileLog, data_dir_from
 from skimbench.errors import UsageError
 from skimbench.evaluate import evaluate
 from skimbench.features import encode, padding_modes
+from skimbench.flops import COUNTERS
 from skimbench.hub import go_offline_if_unreachable
 from skimbench.measure import measure_mode
 from skimbench.method import (
@@ -49,6 +50,7 @@ from skimbench.timing import PeakRSS
 from skimbench.trainer import save_state, train
 
 BASELINE = "baseline"
+DEFAULT_COUNTER = "flop_counter"
 
 
 @dataclass
@@ -66,6 +68,8 @@ class RunSpec:
     data_dir: Path | str | None = None
     run_id: str | None = None
     overwrite: bool = False
+    counter: str = "flop_counter"          # FLOPs counter that cross-checks the traces
+    threads: int | None = None             # torch threads (default: torch's, physical cores)
 
 
 @dataclass
@@ -84,7 +88,11 @@ class ResolvedRun:
                 "backbone": self.backbone.name, "profile": self.spec.profile,
                 "seed": self.spec.seed, "padding": list(self.paddings),
                 "budget": asdict(self.budget), "method_config": asdict(self.method.config),
-                "overrides": dict(sorted(self.spec.overrides.items()))}
+                "overrides": dict(sorted(self.spec.overrides.items())),
+                # only a non-default counter is named, so the protocol's default run keeps
+                # one identity whichever counter list the version offers
+                **({"counter": self.spec.counter} if self.spec.counter != DEFAULT_COUNTER
+                   else {})}
 
 
 def _parse_value(key: str, raw: str, annotation: str):
@@ -162,6 +170,11 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     check_supports(method_cls, task)
     budget = budget_for(spec.profile, task)
     paddings = padding_modes(spec.padding)
+    if spec.counter not in COUNTERS:
+        raise UsageError(f"unknown FLOPs counter {spec.counter!r}: choose one of "
+                         f"{', '.join(COUNTERS)}")
+    if spec.threads is not None and spec.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {spec.threads}")
     budget, config = _apply_overrides(spec.overrides, budget, method_cls)
     backbone = resolve_backbone(spec.backbone or budget.backbone)
     backbone.config()  # a hub name that cannot be loaded fails here, before any file is written
@@ -207,6 +220,8 @@ class Logger:
 def run(spec: RunSpec, echo=print) -> Path:
     """Train and evaluate one run (reusing a finished one); returns its directory."""
     resolved = resolve(spec)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)  # pinned for training and timing; in env.json
     run_dir, config = resolved.run_dir, resolved.config()
     data_dir = data_dir_from(spec.data_dir)
     data_source(resolved.task, data_dir)  # no data: fail before anything is written
@@ -290,7 +305,7 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
         baseline_metrics.setdefault("metrics", (base or e).metrics)
         m = measured[padding] = measure_mode(method, model, baseline, base_model, eval_features,
                                              padding, budget, max_length, e, base,
-                                             memory.peak_mb)
+                                             memory.peak_mb, r.spec.counter)
         log(f"[{padding}] {task.main_metric} {e.metrics[task.main_metric]:.2f}, "
             f"MACs/example {m.macs_per_example:.3e}, FLOPs speedup {m.flops_speedup:.2f}x, "
             f"CPU time speedup {m.cpu_time_speedup:.2f}x"

@@ -81,6 +81,13 @@ def test_unknown_profile_and_padding(tmp_path):
     assert "sequence, batch, none" in line
 
 
+def test_unknown_counter_and_bad_threads():
+    line = one_line_error(invoke("run", "-m", "baseline", "-d", "sst2", "--counter", "fvcore"), 2)
+    assert "flop_counter, torchprofile, ptflops" in line
+    line = one_line_error(invoke("run", "-m", "baseline", "-d", "sst2", "--threads", "0"), 2)
+    assert "--threads must be at least 1" in line
+
+
 def test_method_that_does_not_support_the_task(tmp_path):
     line = one_line_error(invoke("run", "-m", "test-classification-only", "-d", "squad",
                                  "--out", str(tmp_path)), 2)

@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from skimbench.errors import UsageError
 from skimbench.method import Method, register
@@ -171,3 +172,20 @@ def test_a_single_mode_run_reuses_the_full_baseline(tiny_data, tmp_path):
     assert (baseline / "record.json").stat().st_mtime_ns == stamp
     record = read_json(truncate / "record.json")
     assert set(record["padding"]) == {"none"} and record["needs"]["baseline"] == str(baseline)
+
+
+def test_another_counter_is_recorded_but_not_held_to_one_percent(tiny_data, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        run_dir = run(smoke(tiny_data, tmp_path, padding="batch", counter="ptflops",
+                            threads=1), quiet)
+    finally:
+        torch.set_num_threads(threads)
+    assert read_json(run_dir / "config.json")["counter"] == "ptflops"
+    mode = read_json(run_dir / "record.json")["padding"]["batch"]
+    assert mode["counter"] == "ptflops" and not mode["macs_mismatch"]
+    assert mode["counted_macs"] != mode["schedule_macs"]  # ptflops counts biases and norms too
+    assert read_json(run_dir / "env.json")["torch_threads"] == 1
+    default = run(smoke(tiny_data, tmp_path / "default", padding="batch"), quiet)
+    assert "counter" not in read_json(default / "config.json")
+    assert read_json(default / "record.json")["padding"]["batch"]["counter"] == "flop_counter"
