@@ -17,9 +17,18 @@ def finished_runs(results: Path) -> list[Path]:
 
 
 def run_label(config: dict) -> str:
-    """The method and its settings, e.g. "truncate keep_tokens=16 finetune=False"."""
-    settings = " ".join(f"{k}={v}" for k, v in config.get("method_config", {}).items())
-    return f"{config['method']} {settings}".strip()
+    """The method, its main knob (first setting) and every other setting off its default,
+    e.g. "truncate keep_tokens=16" or "layerdrop keep_layers=3 train=all"."""
+    from dataclasses import fields
+
+    from skimbench.method import methods
+
+    settings = config.get("method_config", {})
+    cls = methods().get(config["method"])
+    defaults = {f.name: f.default for f in fields(cls.Config)} if cls else {}
+    shown = [f"{k}={v}" for i, (k, v) in enumerate(settings.items())
+             if i == 0 or defaults.get(k) != v]
+    return " ".join([config["method"], *shown])
 
 
 def _latency_floor(latency_dir: Path, backbone_slug: str, batch: str) -> float | None:

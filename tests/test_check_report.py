@@ -89,6 +89,7 @@ def test_report_writes_tables_plots_and_index(smoke_runs, tmp_path):
         assert (reports / name).stat().st_size > 0, name
     table = (reports / "sst2.md").read_text()
     assert "truncate keep_tokens=6" in table and "layerdrop keep_layers=1" in table
+    assert "finetune=" not in table  # settings at their defaults are not repeated
     assert (reports / "pareto-sst2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     index = (reports / "README.md").read_text()
     assert "sst2.md" in index and "pareto-sst2.png" in index and "smoke" in index
