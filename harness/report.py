@@ -92,8 +92,17 @@ def records_frame(results: Path, latency_dir: Path | None = None):
 
 
 def write_report(results: Path, out: Path) -> list[Path]:
-    from skimbench.report_render import write_index, write_pareto, write_task_tables
+    from skimbench.report_render import (
+        paper_numbers,
+        published_baselines,
+        write_index,
+        write_pareto,
+        write_task_tables,
+    )
 
     frame = records_frame(results)
-    files = write_task_tables(frame, out) + write_pareto(frame, out)
+    papers = paper_numbers()
+    published = {task: published_baselines(papers, TASKS[task].paper_name)
+                 for task in frame["task"].unique()}
+    files = write_task_tables(frame, out, published) + write_pareto(frame, out)
     return [*files, write_index(out, files, frame)]

@@ -388,7 +388,15 @@ def _latency_floors(frame_task: pd.DataFrame) -> list[str]:
     return notes
 
 
-def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame) -> str:
+def published_baselines(papers: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The papers' own baseline figures for one data set (paper-numbers.csv rows)."""
+    rows = papers[(papers["method"] == "baseline") & (papers["dataset"] == dataset)
+                  & (papers["metric"].str.lower() != "speedup")]
+    return rows[["paper", "table", "backbone", "metric", "value", "split"]].fillna("")
+
+
+def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame,
+                   published: pd.DataFrame | None = None) -> str:
     numeric = _numeric_table(frame_task)
     title = _task_title(frame_task, task)
     backbones = sorted(set(numeric["backbone"]))
@@ -425,10 +433,17 @@ def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame) -> 
     if floors:
         lines.append("- Fitted latency floor t0 of the backbone (time that no token removal "
                      "can save, DESIGN 4.4): " + "; ".join(floors) + ".")
+    if published is not None and len(published):
+        lines += ["", "## Published baseline figures", "",
+                  "The papers' own baselines for this data set (`paper-numbers.csv`). They are "
+                  "mostly BERT-base on the papers' splits: a MiniLM run above is not comparable "
+                  "with them; a method's paper-table re-make puts paper and ours side by side.",
+                  "", markdown_table(published)]
     return "\n".join(lines) + "\n"
 
 
-def write_task_tables(frame: pd.DataFrame, out_dir) -> list[Path]:
+def write_task_tables(frame: pd.DataFrame, out_dir,
+                      published: dict[str, pd.DataFrame] | None = None) -> list[Path]:
     """Write `<task>.md`, `<task>.csv` (raw numbers) and `<task>.tex` per task; their paths."""
     out_dir = Path(out_dir)
     written = []
@@ -436,7 +451,7 @@ def write_task_tables(frame: pd.DataFrame, out_dir) -> list[Path]:
         rows = _task_rows(frame, task)
         table = task_table(rows)
         md, csv, tex = (out_dir / f"{task}.{ext}" for ext in ("md", "csv", "tex"))
-        write_atomic(md, _task_markdown(rows, task, table))
+        write_atomic(md, _task_markdown(rows, task, table, (published or {}).get(task)))
         write_atomic(csv, task_table(rows, numeric=True).to_csv(index=False))
         write_atomic(tex, latex_table(table, table.attrs.get("footnotes")))
         written += [md, csv, tex]

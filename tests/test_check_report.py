@@ -90,6 +90,10 @@ def test_report_writes_tables_plots_and_index(smoke_runs, tmp_path):
     table = (reports / "sst2.md").read_text()
     assert "truncate keep_tokens=6" in table and "layerdrop keep_layers=1" in table
     assert "finetune=" not in table  # settings at their defaults are not repeated
+    # the papers' baselines for SST-2, read from the packaged paper-numbers.csv
+    published = table.split("## Published baseline figures")[1]
+    assert "| Transkimmer | Table 3 | BERT-base | accuracy | 93.0 |" in published
+    assert "| AdapLeR | Table 1 | BERT-base-uncased | accuracy | 92.7 |" in published
     assert (reports / "pareto-sst2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     index = (reports / "README.md").read_text()
     assert "sst2.md" in index and "pareto-sst2.png" in index and "smoke" in index
