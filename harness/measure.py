@@ -114,7 +114,10 @@ def counted_vs_schedule(method, model: nn.Module, batches: list[dict],
 
 def gpu_speedups(method, model, baseline, base_model, features: list[dict], padding: str,
                  max_length: int, config: TimingConfig) -> dict:
-    """CUDA-event timing, fp32 and bf16, batch 1/8/32/128 (DESIGN 4.3); GPU machines only."""
+    """CUDA-event timing, fp32 and bf16, batch 1/8/32/128 (DESIGN 4.3); GPU machines only.
+
+    Each batch is the first examples of the eval set, padded to the longest (to the task length
+    in `sequence` mode): at batch > 1 there is no pad-free `none` on a GPU."""
     results: dict = {}
     device = torch.device("cuda")
     for dtype in (torch.float32, torch.bfloat16):

@@ -55,7 +55,7 @@ class Truncate(Method):
         logits = model.logits(hidden)
         if model.kind == EXTRACTIVE_QA and k < full:
             removed = torch.full((logits.shape[0], full - k, 2), REMOVED_LOGIT,
-                                 dtype=logits.dtype)
+                                 dtype=logits.dtype, device=logits.device)
             logits = torch.cat([logits, removed], dim=1)
         extra = torch.full((len(hidden),), model.head_macs(k), dtype=torch.long)
         return Output(logits, Trace.dense(len(hidden), k, len(model.layers), extra))
