@@ -739,7 +739,7 @@ def write_index(out_dir, files: list[Path], frame: pd.DataFrame) -> Path:
     runs behind it, and the profile(s) that produced the report. Returns its path."""
     out_dir = Path(out_dir)
     index = out_dir / "README.md"
-    files = [Path(f) if Path(f).is_absolute() else out_dir / Path(f) for f in files]
+    files = [Path(f) for f in files]  # as written: absolute, or relative to the working dir
     files = [f for f in files if f.resolve() != index.resolve()]
     tasks = _tasks(frame)
     profiles = frame["profile"].dropna().astype(str)

@@ -113,3 +113,13 @@ def test_latency_curve_command(tmp_path):
     assert curve["fit"]["1"]["t0_ms"] >= 0
     bad = invoke("latency", "--backbone", "random:tiny", "--lengths", "8,-1")
     assert bad.exit_code == 2 and "positive integers" in bad.output
+
+
+def test_report_index_links_resolve_with_a_relative_out_dir(smoke_runs, tmp_path, monkeypatch):
+    import re
+
+    out, _ = smoke_runs
+    monkeypatch.chdir(tmp_path)
+    assert invoke("report", "--results", str(out), "--out", "reports").exit_code == 0
+    links = re.findall(r"\]\(<?([^)>]+)>?\)", (tmp_path / "reports/README.md").read_text())
+    assert links and all((tmp_path / "reports" / link).is_file() for link in links), links
