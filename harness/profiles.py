@@ -36,6 +36,19 @@ class Budget:
     time_min_iters: int = 5                # ... and this many alternations
     count_batches: int = 2                 # batches checked with the FLOPs counter
 
+    def __post_init__(self):
+        """Reject settings no run could use (they arrive through --set)."""
+        positive = ("epochs", "lr", "batch_size", "eval_batch_size", "doc_stride",
+                    "max_query_length", "time_examples", "time_batches", "time_min_iters",
+                    "count_batches")
+        bad = [name for name in positive if not getattr(self, name) > 0]
+        bad += [name for name in ("max_steps", "max_train_examples", "max_eval_examples")
+                if getattr(self, name) is not None and getattr(self, name) < 1]
+        if self.max_length is not None and not 8 <= self.max_length <= 512:
+            bad.append("max_length (8 to 512)")
+        if bad:
+            raise ValueError(f"out of range: {', '.join(bad)}")
+
 
 PROFILES = ("smoke", "ci", "local", "paper")
 BUDGET_KEYS = tuple(f.name for f in fields(Budget))

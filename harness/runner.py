@@ -146,9 +146,10 @@ def _apply_overrides(overrides: dict[str, str], budget: Budget, method_cls: type
                              f"keys are {', '.join(valid)}")
     try:
         config = method_cls.Config(**method_changes)
+        budget = replace(budget, **budget_changes)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"invalid --set for method {method_cls.key!r}: {exc}") from None
-    return replace(budget, **budget_changes), config
+    return budget, config
 
 
 def default_run_id(profile: str, backbone: Backbone, seed: int, overrides: dict,

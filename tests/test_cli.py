@@ -121,6 +121,9 @@ def test_invalid_set_names_valid_keys(tmp_path):
     assert "lr takes float" in line
     line = one_line_error(invoke("run", "-m", "baseline", "-d", "sst2", "--set", "lr"), 2)
     assert "key=value" in line
+    line = one_line_error(invoke("run", "-m", "baseline", "-d", "sst2", "--set", "max_length=0",
+                                 "--set", "batch_size=-1"), 2)
+    assert "out of range: batch_size, max_length (8 to 512)" in line
 
 
 def test_missing_data_names_the_files(tmp_path):
