@@ -32,6 +32,11 @@ def minilm_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
+def backbone_slug(name: str) -> str:
+    """A file-name-safe form of a backbone name, for run ids and latency files."""
+    return name.replace(RANDOM_PREFIX, "random-").replace("/", "--").strip(".-")
+
+
 @dataclass
 class Backbone:
     """A resolved backbone: where its config, weights and tokenizer come from."""
@@ -42,8 +47,7 @@ class Backbone:
 
     @property
     def slug(self) -> str:
-        """A file-name-safe form of the name, for run ids."""
-        return self.name.replace(RANDOM_PREFIX, "random-").replace("/", "--").strip(".-")
+        return backbone_slug(self.name)
 
     def config(self):
         from transformers import AutoConfig

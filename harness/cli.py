@@ -78,10 +78,10 @@ def list_(what: str):
         rows += [("<hub name or path>", "e.g. bert-base-uncased or ./my-checkpoint")]
         _table(("backbone", "what it is"), rows)
     else:
-        from skimbench.profiles import _BASE
+        from skimbench.profiles import BASE_BUDGETS
 
         rows = [(name, b.backbone, str(b.epochs), str(b.max_train_examples or "all"))
-                for name, b in _BASE.items()]
+                for name, b in BASE_BUDGETS.items()]
         _table(("profile", "backbone", "epochs", "train examples"), rows)
 
 

@@ -53,7 +53,7 @@ class Budget:
 PROFILES = ("smoke", "ci", "local", "paper")
 BUDGET_KEYS = tuple(f.name for f in fields(Budget))
 
-_BASE = {
+BASE_BUDGETS = {
     "smoke": Budget("random:tiny", epochs=1, lr=1e-3, batch_size=8, eval_batch_size=8,
                     max_steps=4, max_train_examples=32, max_eval_examples=16, max_length=32,
                     doc_stride=16, max_query_length=16, time_examples=2, time_batches=1,
@@ -66,7 +66,7 @@ _BASE = {
 
 # Per-task departures from the profile's base (the papers' recipes for `paper`:
 # Transkimmer Table 2 lengths, AdapLeR Table 3 epochs/lr/batch, BERT's SQuAD recipe).
-_TASK = {
+TASK_BUDGETS = {
     "smoke": {"squad": dict(max_length=64), "squad_v2": dict(max_length=64)},
     "ci": {
         "sst2": dict(max_train_examples=5000),
@@ -98,4 +98,4 @@ _TASK = {
 def budget_for(profile: str, task: Task) -> Budget:
     if profile not in PROFILES:
         raise did_you_mean("profile", profile, PROFILES, "profiles")
-    return replace(_BASE[profile], **_TASK[profile].get(task.key, {}))
+    return replace(BASE_BUDGETS[profile], **TASK_BUDGETS[profile].get(task.key, {}))

@@ -50,7 +50,7 @@ def records_frame(results: Path, latency_dir: Path | None = None):
     """One row per finished run and padding mode, in report_render's FRAME_COLUMNS."""
     import pandas as pd
 
-    from skimbench.backbone import resolve_backbone
+    from skimbench.backbone import backbone_slug
     from skimbench.report_render import FRAME_COLUMNS
 
     latency_dir = latency_dir or Path(results) / "latency"
@@ -62,8 +62,7 @@ def records_frame(results: Path, latency_dir: Path | None = None):
         modes = record["padding"]
         inflation = (modes["sequence"]["flops_speedup"] / modes["none"]["flops_speedup"]
                      if "sequence" in modes and "none" in modes else None)
-        slug = resolve_backbone(record["backbone"]).slug if ":" in record["backbone"] else (
-            record["backbone"].replace("/", "--"))
+        slug = backbone_slug(record["backbone"])
         ci = record["metric_ci"].get(record["main_metric"], (None, None))
         for padding, m in modes.items():
             gpu_speedup, cuda_peak = _gpu(m, 1 if padding == "none" else 32)
