@@ -82,7 +82,7 @@ def list_(what: str):
 
         rows = [(name, b.backbone, str(b.epochs), str(b.max_train_examples or "all"))
                 for name, b in BASE_BUDGETS.items()]
-        _table(("profile", "backbone", "epochs", "train examples"), rows)
+        _table(("profile", "backbone", "epochs", "train examples (before per-task settings)"), rows)
 
 
 @main.command()
