@@ -27,6 +27,7 @@ from skimbench.errors import UsageError
 from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, REGRESSION
 
 COUNTERS = ("flop_counter", "torchprofile", "ptflops")
+DEFAULT_COUNTER = "flop_counter"  # the protocol's counter: the only one held to the trace
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 KINDS = (CLASSIFICATION, EXTRACTIVE_QA, REGRESSION)
 
@@ -88,15 +89,19 @@ class _Positional(nn.Module):
         return out.logits if hasattr(out, "logits") else out
 
 
-def count_macs(model: nn.Module, batch: dict, counter: str = "flop_counter") -> int:
+def check_counter(counter: str) -> None:
+    if counter not in COUNTERS:
+        raise UsageError(f"unknown FLOPs counter {counter!r}: choose from {', '.join(COUNTERS)}")
+
+
+def count_macs(model: nn.Module, batch: dict, counter: str = DEFAULT_COUNTER) -> int:
     """MACs of one forward `model(batch)` (the whole batch) as measured by `counter`.
 
     The model is put in eval mode (and left there); nothing else about it or torch is changed.
     """
-    if counter not in COUNTERS:
-        raise UsageError(f"unknown FLOPs counter {counter!r}: choose from {', '.join(COUNTERS)}")
+    check_counter(counter)
     model.eval()
-    if counter == "flop_counter":
+    if counter == DEFAULT_COUNTER:
         # FlopCounterMode reports FLOPs = 2 x MACs (2·m·n·k per matmul): halve it.
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS) as mode:
             model(batch)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from skimbench.features import collate, eval_batches
+from skimbench.flops import DEFAULT_COUNTER, count_macs
 from skimbench.profiles import Budget
 from skimbench.timing import ABTiming, TimingConfig, time_ab, time_cuda, time_one
 
@@ -98,10 +99,8 @@ class _MethodForward(nn.Module):
 
 
 def counted_vs_schedule(method, model: nn.Module, batches: list[dict],
-                        counter: str = "flop_counter") -> tuple[int, int]:
+                        counter: str = DEFAULT_COUNTER) -> tuple[int, int]:
     """FLOPs-counter MACs and trace MACs of the same forward passes."""
-    from skimbench.flops import count_macs
-
     counted = schedule = 0
     wrapper = _MethodForward(method, model).eval()
     with torch.inference_mode():
@@ -141,7 +140,7 @@ def gpu_speedups(method, model, baseline, base_model, features: list[dict], padd
 
 def measure_mode(method, model, baseline, base_model, features: list[dict], padding: str,
                  budget: Budget, max_length: int, evaluation, base_evaluation,
-                 peak_rss_mb: float | None, counter: str = "flop_counter") -> ModeMeasurement:
+                 peak_rss_mb: float | None, counter: str = DEFAULT_COUNTER) -> ModeMeasurement:
     """Compare the method with the baseline in one padding mode. For the baseline run itself,
     `base_model` is None: it is timed alone and its speedups are 1 by definition.
 
@@ -153,7 +152,7 @@ def measure_mode(method, model, baseline, base_model, features: list[dict], padd
     examples = sum(len(b["input_ids"]) for b in batches)
     counted, schedule = counted_vs_schedule(method, model, batches[: budget.count_batches],
                                             counter)
-    mismatch = (counter == "flop_counter"
+    mismatch = (counter == DEFAULT_COUNTER
                 and abs(counted - schedule) > MACS_TOLERANCE * max(schedule, 1))
     gpu = None
     if base_model is None:

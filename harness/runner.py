@@ -24,7 +24,7 @@ from skimbench.data import FileLog, data_dir_from
 from skimbench.errors import UsageError
 from skimbench.evaluate import evaluate
 from skimbench.features import encode, padding_modes
-from skimbench.flops import COUNTERS
+from skimbench.flops import DEFAULT_COUNTER, check_counter
 from skimbench.hub import go_offline_if_unreachable
 from skimbench.measure import measure_mode
 from skimbench.method import (
@@ -50,7 +50,6 @@ from skimbench.timing import PeakRSS
 from skimbench.trainer import save_state, train
 
 BASELINE = "baseline"
-DEFAULT_COUNTER = "flop_counter"
 
 
 @dataclass
@@ -68,7 +67,7 @@ class RunSpec:
     data_dir: Path | str | None = None
     run_id: str | None = None
     overwrite: bool = False
-    counter: str = "flop_counter"          # FLOPs counter that cross-checks the traces
+    counter: str = DEFAULT_COUNTER         # FLOPs counter that cross-checks the traces
     threads: int | None = None             # torch threads (default: torch's, physical cores)
 
 
@@ -171,9 +170,7 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     check_supports(method_cls, task)
     budget = budget_for(spec.profile, task)
     paddings = padding_modes(spec.padding)
-    if spec.counter not in COUNTERS:
-        raise UsageError(f"unknown FLOPs counter {spec.counter!r}: choose one of "
-                         f"{', '.join(COUNTERS)}")
+    check_counter(spec.counter)
     if spec.threads is not None and spec.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {spec.threads}")
     budget, config = _apply_overrides(spec.overrides, budget, method_cls)
@@ -297,13 +294,13 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
     if method.key != BASELINE:
         baseline = get_method(BASELINE)(get_method(BASELINE).Config())
         base_model = load_checkpoint(baseline.build(ctx), needs[BASELINE]).eval()
-    evaluations, measured, baseline_metrics = {}, {}, {}
+    evaluations, base_evaluations, measured = {}, {}, {}
     for padding in r.paddings:
         args = (task, eval_examples, eval_features, padding, budget.eval_batch_size, max_length)
         with PeakRSS() as memory:
             e = evaluations[padding] = evaluate(method, model, *args)
-        base = evaluate(baseline, base_model, *args) if baseline is not None else None
-        baseline_metrics.setdefault("metrics", (base or e).metrics)
+        base = base_evaluations[padding] = (evaluate(baseline, base_model, *args)
+                                            if baseline is not None else None)
         m = measured[padding] = measure_mode(method, model, baseline, base_model, eval_features,
                                              padding, budget, max_length, e, base,
                                              memory.peak_mb, r.spec.counter)
@@ -313,13 +310,14 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
             + (f" (oracle {m.oracle_speedup:.2f}x)" if m.oracle_speedup else "")
             + (" [MACs MISMATCH vs counter]" if m.macs_mismatch else ""))
     first = evaluations[r.paddings[0]]
+    first_base = base_evaluations[r.paddings[0]] or first  # a baseline run is its own baseline
     record = RunRecord(
         method=method.key, task=task.key, task_kind=task.kind, backbone=r.backbone.name,
         profile=r.spec.profile, seed=r.spec.seed, split=data.split, data_source=data.source,
         num_train_examples=len(train_examples), num_eval_examples=len(eval_examples),
         num_eval_features=len(eval_features), main_metric=task.main_metric,
         metrics=first.metrics, metric_ci=first.metric_ci,
-        baseline_metrics=baseline_metrics["metrics"],
+        baseline_metrics=first_base.metrics,
         padding={mode: asdict(m) for mode, m in measured.items()},
         executed=method.executed, train=summaries, train_seconds=train_seconds,
         tokenize_seconds=tokenize_seconds, needs={k: str(v) for k, v in needs.items()})
