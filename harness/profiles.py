@@ -78,7 +78,7 @@ TASK_BUDGETS = {
         "rte": dict(max_train_examples=1000, batch_size=16),
     },
     "local": {
-        "sst2": dict(epochs=1), "qnli": dict(epochs=2), "mnli": dict(epochs=2),
+        "sst2": dict(epochs=2), "qnli": dict(epochs=2), "mnli": dict(epochs=2),
         "qqp": dict(epochs=1), "yelp": dict(epochs=1), "dbpedia": dict(epochs=1),
         "agnews": dict(epochs=2), "imdb": dict(epochs=2, batch_size=16),
         "20news": dict(epochs=3, batch_size=16),
