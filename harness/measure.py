@@ -81,7 +81,10 @@ def replay_all(model: nn.Module, method, batches: list[dict]) -> Callable[[], No
             for start, lengths in plans:
                 hidden = start
                 for layer, n in zip(model.layers, lengths, strict=False):
-                    hidden = layer(hidden[:, :n], None)
+                    hidden = hidden[:, :n]
+                    if n == 0:  # every token was removed: nothing more runs
+                        break
+                    hidden = layer(hidden, None)
                 model.logits(hidden)
 
     return call

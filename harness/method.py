@@ -56,9 +56,23 @@ class Method:
     status: ClassVar[str] = "ready"
     executed: ClassVar[bool] = True                   # computes exactly what its trace says
     attn_implementation: ClassVar[str] = "sdpa"
+    # settings that only change inference: a run differing from a finished one only in these
+    # reuses that run's trained weights instead of training again (threshold sweeps)
+    inference_settings: ClassVar[tuple[str, ...]] = ()
+    # the method's own training recipe per task key ("*": any task) under `--profile paper`
+    paper_budgets: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, config: MethodConfig):
         self.config = config
+
+    @classmethod
+    def configure(cls, config: MethodConfig, task: Task) -> MethodConfig:
+        """Settings whose default depends on the task (e.g. a per-task loss weight)."""
+        return config
+
+    @classmethod
+    def paper_budget(cls, task: Task) -> dict:
+        return cls.paper_budgets.get(task.key, cls.paper_budgets.get("*", {}))
 
     @classmethod
     def summary(cls) -> str:

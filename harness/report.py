@@ -63,16 +63,18 @@ def records_frame(results: Path, latency_dir: Path | None = None):
         inflation = (modes["sequence"]["flops_speedup"] / modes["none"]["flops_speedup"]
                      if "sequence" in modes and "none" in modes else None)
         slug = backbone_slug(record["backbone"])
-        ci = record["metric_ci"].get(record["main_metric"], (None, None))
+        main = record["main_metric"]
         for padding, m in modes.items():
+            # dynamic methods score differently per mode; older records hold one metric
+            metric = m.get("metrics", record["metrics"])[main]
+            ci = m.get("metric_ci", record["metric_ci"]).get(main, (None, None))
             gpu_speedup, cuda_peak = _gpu(m, 1 if padding == "none" else 32)
             rows.append({
                 "task": record["task"], "task_title": TASKS[record["task"]].title,
                 "method": record["method"], "label": run_label(config),
                 "backbone": record["backbone"], "profile": record["profile"],
                 "seed": record["seed"], "run_dir": str(run_dir),
-                "main_metric": record["main_metric"],
-                "metric": record["metrics"][record["main_metric"]],
+                "main_metric": main, "metric": metric,
                 "ci_low": ci[0], "ci_high": ci[1], "padding": padding,
                 "macs_per_example": m["macs_per_example"], "flops_speedup": m["flops_speedup"],
                 "padding_inflation": inflation, "cpu_time_speedup": m.get("cpu_time_speedup"),

@@ -226,7 +226,8 @@ _NUMERIC_COLUMNS = (
     "ci_low", "ci_high", "flops_speedup_none", "flops_speedup_batch", "flops_speedup_sequence",
     "padding_inflation", "cpu_time_speedup_none", "cpu_time_speedup_batch",
     "gpu_time_speedup_none", "gpu_time_speedup_batch", "oracle_speedup_none",
-    "removal_efficiency_none", "peak_rss_mb", "cuda_peak_mb", "executed", "macs_mismatch",
+    "removal_efficiency_none", "removal_efficiency_batch", "peak_rss_mb", "cuda_peak_mb",
+    "executed", "macs_mismatch",
     "load_flagged", "markers",
 )
 
@@ -267,6 +268,7 @@ def _numeric_table(frame_task: pd.DataFrame) -> pd.DataFrame:
             "gpu_time_speedup_batch": mode("batch", "gpu_time_speedup"),
             "oracle_speedup_none": mode("none", "oracle_speedup"),
             "removal_efficiency_none": mode("none", "removal_efficiency"),
+            "removal_efficiency_batch": mode("batch", "removal_efficiency"),
             "peak_rss_mb": _max(rows["peak_rss_mb"]),
             "cuda_peak_mb": _max(rows["cuda_peak_mb"]),
             "executed": executed,
@@ -284,7 +286,8 @@ def _display_columns(metric_name: str) -> list[str]:
             "FLOPs speedup (none)", "FLOPs speedup (batch)", "FLOPs speedup (sequence)",
             "padding inflation", "CPU speedup bs1 (none)", "CPU speedup (batch)",
             "GPU speedup bs1 (none)", "GPU speedup (batch)", "oracle speedup (none)",
-            "removal efficiency (none)", "peak RSS MB", "CUDA peak MB"]
+            "removal efficiency (none)", "removal efficiency (batch)", "peak RSS MB",
+            "CUDA peak MB"]
 
 
 def task_table(frame_task: pd.DataFrame, numeric: bool = False) -> pd.DataFrame:
@@ -321,8 +324,9 @@ def task_table(frame_task: pd.DataFrame, numeric: bool = False) -> pd.DataFrame:
         columns[11]: table["gpu_time_speedup_batch"].map(_times),
         columns[12]: table["oracle_speedup_none"].map(_times),
         columns[13]: table["removal_efficiency_none"].map(_plain),
-        columns[14]: table["peak_rss_mb"].map(lambda v: _plain(v, 0)),
-        columns[15]: table["cuda_peak_mb"].map(lambda v: _plain(v, 0)),
+        columns[14]: table["removal_efficiency_batch"].map(_plain),
+        columns[15]: table["peak_rss_mb"].map(lambda v: _plain(v, 0)),
+        columns[16]: table["cuda_peak_mb"].map(lambda v: _plain(v, 0)),
     }, columns=columns)
     shown.attrs["footnotes"] = footnotes
     return shown

@@ -1,0 +1,133 @@
+"""Shared machinery of the token-dropping methods (methods-spec 1.5-1.8).
+
+Removal is physical: `Tokens.keep` gathers every row's kept slots (in input order) into a
+shorter tensor, so later layers compute on fewer positions and a FLOPs counter sees it. Rows of a
+batch that keep different counts are aligned to the longest with masked filler slots, so a row's
+result never depends on its batch mates. `OutputBuffer` holds each removed token's last state for
+span heads (methods-spec 1.6), and `attention_layer` runs a BERT layer with eager attention when a
+method needs the attention probabilities or soft key weights; every other layer keeps the
+backbone's fast attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from skimbench.model import additive_mask
+
+REMOVED_LOGIT = -1e4  # span logit of a removed position: no answer is decoded there
+
+
+@dataclass
+class Tokens:
+    """The slots of a batch still being computed.
+
+    `alive`: the slot holds an input position not yet removed (a real token or a pad);
+    `attend`: the slot may be attended to (alive and not a pad). Filler slots, which only align
+    ragged rows, are neither.
+    """
+
+    hidden: torch.Tensor      # (B, n, H)
+    positions: torch.Tensor   # (B, n) index into the input
+    alive: torch.Tensor       # (B, n) bool
+    attend: torch.Tensor      # (B, n) bool
+
+    @classmethod
+    def start(cls, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Tokens:
+        batch, length = attention_mask.shape
+        positions = torch.arange(length, device=hidden.device).expand(batch, length)
+        alive = torch.ones((batch, length), dtype=torch.bool, device=hidden.device)
+        return cls(hidden, positions, alive, attention_mask.bool())
+
+    @property
+    def width(self) -> int:
+        return self.hidden.shape[1]
+
+    def mask(self) -> torch.Tensor | None:
+        """The additive attention mask over these slots (None when every slot attends)."""
+        return additive_mask(self.attend, self.hidden.dtype)
+
+    def keep(self, keep: torch.Tensor) -> Tokens:
+        """Gather the slots where `keep` (B, n) is true, in order; rows with fewer kept slots
+        than the batch's most are filled with masked filler slots. Nothing is copied when every
+        slot is kept."""
+        keep = keep & self.alive
+        if bool(keep.all()):
+            return self
+        counts = keep.sum(dim=1)
+        width = int(counts.max())  # 0 when every row removes everything
+        order = torch.arange(self.width, device=keep.device).expand_as(keep)
+        # kept slots first (ascending), then the others: explicit indices, never a flat mask
+        index = torch.where(keep, order, order + self.width).argsort(dim=1)[:, :width]
+        used = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+        hidden = self.hidden.gather(1, index[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        return Tokens(hidden, self.positions.gather(1, index), used,
+                      self.attend.gather(1, index) & used)
+
+
+    def masked(self, keep: torch.Tensor) -> Tokens:
+        """The same decision by masking only: removed slots stay in the tensor (computed, never
+        attended to). Equal outputs to `keep`, at the dense cost: the check that removal is
+        exact, and the cost a mask-only implementation really has."""
+        keep = keep & self.alive
+        return Tokens(self.hidden, self.positions, keep, self.attend & keep)
+
+
+class OutputBuffer:
+    """Final states per input position: removed tokens keep the state they left with."""
+
+    def __init__(self, hidden: torch.Tensor):
+        batch, length, size = hidden.shape
+        # one spare column receives the writes of filler slots, and is dropped at the end
+        self.states = torch.cat([hidden, hidden.new_zeros(batch, 1, size)], dim=1)
+
+    def write(self, tokens: Tokens, where: torch.Tensor | None = None) -> None:
+        """Store the states of the alive slots (only those in `where`, when given)."""
+        chosen = tokens.alive if where is None else tokens.alive & where
+        column = torch.where(chosen, tokens.positions, self.states.shape[1] - 1)
+        self.states = self.states.scatter(
+            1, column[..., None].expand(-1, -1, self.states.shape[-1]), tokens.hidden)
+
+    def result(self) -> torch.Tensor:
+        return self.states[:, :-1]
+
+
+def scatter_logits(logits: torch.Tensor, tokens: Tokens, length: int) -> torch.Tensor:
+    """Span logits of the surviving slots (B, n, 2) back at their input positions (B, length,
+    2); every removed position gets REMOVED_LOGIT."""
+    batch, _, out = logits.shape
+    full = logits.new_full((batch, length + 1, out), REMOVED_LOGIT)
+    column = torch.where(tokens.alive, tokens.positions, length)
+    full = full.scatter(1, column[..., None].expand(-1, -1, out), logits)
+    return full[:, :-1]
+
+
+def attention_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
+                    key_weights: torch.Tensor | None = None, renormalise: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One BERT layer with eager attention: (output, post-softmax probabilities (B, A, n, n)).
+
+    `key_weights` (B, n) scales each key's probability and renormalises every query's row, a
+    differentiable stand-in for removing the keys with weight 0 (methods-spec 1.8);
+    `renormalise=False` keeps the plain product (not equivalent to removal)."""
+    attention = layer.attention.self
+    shape = (*hidden.shape[:-1], attention.num_attention_heads, attention.attention_head_size)
+    query = attention.query(hidden).view(shape).transpose(1, 2)
+    key = attention.key(hidden).view(shape).transpose(1, 2)
+    value = attention.value(hidden).view(shape).transpose(1, 2)
+    scores = torch.matmul(query, key.transpose(2, 3)) * attention.scaling
+    if mask is not None:
+        scores = scores + mask
+    probs = F.softmax(scores, dim=-1)
+    if key_weights is not None:
+        probs = probs * key_weights[:, None, None, :].to(probs.dtype)
+        if renormalise:
+            probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+    context = torch.matmul(attention.dropout(probs), value)
+    context = context.transpose(1, 2).reshape(*hidden.shape[:-1], attention.all_head_size)
+    attended = layer.attention.output(context, hidden)
+    return layer.feed_forward_chunk(attended), probs
