@@ -78,6 +78,9 @@ class Method:
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
+    def check_backbone(self, config) -> None:
+        """Raise ValueError for settings this backbone (its HF config) cannot take."""
+
     def build(self, ctx: Context) -> nn.Module:
         """The model to train; by default the plain task model on the backbone."""
         torch.manual_seed(0)

@@ -178,7 +178,13 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     budget, config = _apply_overrides(spec.overrides, budget, method_cls)
     config = method_cls.configure(config, task)
     backbone = resolve_backbone(spec.backbone or budget.backbone)
-    backbone.config()  # a hub name that cannot be loaded fails here, before any file is written
+    # a hub name that cannot be loaded, or settings the backbone cannot take, fail here,
+    # before any file is written
+    try:
+        method_cls(config).check_backbone(backbone.config())
+    except ValueError as exc:
+        raise UsageError(f"invalid setting for method {method_cls.key!r} on backbone "
+                         f"{backbone.name!r}: {exc}") from None
     budget = replace(budget, backbone=backbone.name)
     run_id = spec.run_id or default_run_id(spec.profile, backbone, spec.seed, spec.overrides,
                                            spec.padding)

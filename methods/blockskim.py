@@ -165,6 +165,9 @@ class BlockSkim(Method):
     paper_budgets = {"*": dict(lr=3e-5, epochs=2, batch_size=16, max_length=512,
                                warmup_ratio=0.0)}
 
+    def check_backbone(self, config) -> None:
+        self.config.augmented(config.num_hidden_layers)
+
     def build(self, ctx: Context):
         model = super().build(ctx)
         config = model.encoder.config

@@ -41,12 +41,13 @@ class LayerDrop(Method):
     Config = LayerDropConfig
     needs = ("baseline",)
 
-    def build(self, ctx: Context):
-        model = self.baseline_model(ctx)
-        if self.config.keep_layers > len(model.layers):
+    def check_backbone(self, config) -> None:
+        if self.config.keep_layers > config.num_hidden_layers:
             raise ValueError(f"keep_layers={self.config.keep_layers} but the backbone has only "
-                             f"{len(model.layers)} layers")
-        return model
+                             f"{config.num_hidden_layers} layers")
+
+    def build(self, ctx: Context):
+        return self.baseline_model(ctx)
 
     def stages(self, ctx: Context):
         if self.config.train == "none":

@@ -326,3 +326,21 @@ def test_paper_profile_uses_the_methods_recipe_on_bert_base(tiny_data, tmp_path,
     expected = get_method(key).paper_budget(get_task(task))
     assert {k: budget[k] for k in expected} == expected
     assert read_json(run_dir / "record.json")["backbone"] == "random:bert-base"
+
+
+@pytest.mark.parametrize("key,task,setting,message", [
+    ("blockskim", "squad", "skim_layers=9", "skim_layers=9 but the backbone has 2 layers"),
+    ("layerdrop", "sst2", "keep_layers=9", "keep_layers=9 but the backbone has only 2"),
+])
+def test_settings_the_backbone_cannot_take_fail_before_anything_runs(tiny_data, tmp_path, key,
+                                                                     task, setting, message):
+    from click.testing import CliRunner
+
+    from skimbench.cli import main
+
+    result = CliRunner().invoke(main, ["run", "-m", key, "-d", task, "--profile", "smoke",
+                                       "--set", setting, "--data-dir", str(tiny_data),
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
