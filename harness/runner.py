@@ -50,6 +50,9 @@ from skimbench.timing import PeakRSS
 from skimbench.trainer import save_state, train
 
 BASELINE = "baseline"
+# a method's own training recipe: overriding these never changes its prerequisites' training
+RECIPE_KEYS = frozenset({"epochs", "lr", "batch_size", "warmup_ratio", "weight_decay",
+                         "grad_clip"})
 
 
 @dataclass
@@ -272,10 +275,12 @@ def run(spec: RunSpec, echo=print) -> Path:
     wanted = set(resolved.method.needs)
     if resolved.method.key != BASELINE:
         wanted.add(BASELINE)  # every speedup is against the baseline, in the same mode
-    # prerequisites are shared by every padding mode: always the full (`all`) run; budget
-    # overrides (data, length, steps) apply to them too, method settings do not
+    # prerequisites are shared by every padding mode: always the full (`all`) run. Overrides of
+    # the data, lengths, evaluation and the max_steps cap apply to them too; the method's
+    # settings and its training recipe (epochs, lr, ...) do not
     method_keys = {f.name for f in fields(resolved.method.Config)}
-    budget_overrides = {k: v for k, v in spec.overrides.items() if k not in method_keys}
+    budget_overrides = {k: v for k, v in spec.overrides.items()
+                        if k not in method_keys and k not in RECIPE_KEYS}
     needs = {need: run(RunSpec(method=need, task=spec.task, backbone=resolved.backbone.name,
                                profile=spec.profile, seed=spec.seed, out=spec.out,
                                data_dir=spec.data_dir, overrides=budget_overrides), echo)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +190,12 @@ def test_another_counter_is_recorded_but_not_held_to_one_percent(tiny_data, tmp_
     default = run(smoke(tiny_data, tmp_path / "default", padding="batch"), quiet)
     assert "counter" not in read_json(default / "config.json")
     assert read_json(default / "record.json")["padding"]["batch"]["counter"] == "flop_counter"
+
+
+def test_prerequisites_share_the_data_overrides_but_not_the_recipe(tiny_data, tmp_path):
+    run_dir = run(smoke(tiny_data, tmp_path, method="truncate", padding="none",
+                        overrides={"lr": "0.01", "max_train_examples": "16"}), quiet)
+    baseline = Path(read_json(run_dir / "record.json")["needs"]["baseline"])
+    config = read_json(baseline / "config.json")
+    assert config["overrides"] == {"max_train_examples": "16"}
+    assert config["budget"]["lr"] != 0.01 and config["budget"]["max_train_examples"] == 16
