@@ -6,7 +6,10 @@ Writes results/bench.json and prints each figure with its target:
   (b) analytic MACs of 10,000 traced examples (target < 1 s);
   (c) repeatability: one A/B time speedup measured twice (target: within 5%);
   (d) latency curves and floors of minilm and random:bert-base, and the removal efficiency of
-      truncating SQuAD-length inputs to half (target >= 0.95: truncation has no overhead).
+      truncating SQuAD-length inputs to half (target >= 0.95: truncation has no overhead);
+  (e) removal efficiency of Transkimmer and Block-Skim on MiniLM at batch 1 and batch 32, with
+      predictors set to drop part of the tokens (target >= 0.9, issue 5): what their predictors
+      and gathers cost beyond the computation they leave.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from skimbench.latency import latency_curve
 from skimbench.measure import forward_all, replay_all
 from skimbench.method import get_method
 from skimbench.model import TaskModel, Trace
-from skimbench.tasks import CLASSIFICATION
+from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, get_task
 from skimbench.timing import TimingConfig, time_ab
 
 
@@ -109,17 +112,91 @@ def removal_efficiency(config: TimingConfig) -> dict:
             "removal_efficiency": efficiency, "target": ">= 0.95", "ok": efficiency >= 0.95}
 
 
+def _skimmer(key: str, kind: str, **settings):
+    """A skimming method on MiniLM whose (untrained) predictors drop part of the tokens."""
+    from skimbench.method import Context
+    from skimbench.profiles import budget_for
+
+    cls = get_method(key)
+    task = get_task("squad" if kind == EXTRACTIVE_QA else "sst2")
+    method = cls(cls.configure(cls.Config(**settings), task))
+    torch.manual_seed(0)
+    model = method.build(Context(resolve_backbone("minilm"), task, budget_for("ci", task), {}))
+    torch.manual_seed(1)
+    if key == "transkimmer":  # keep about 85% of the tokens at each layer
+        for predictor in model.skim_predictors:
+            predictor.net[4].weight.data.normal_(0.0, 1.0 / model.hidden_size**0.5)
+            predictor.net[4].bias.data = torch.tensor([-1.0, 1.0])
+    else:  # the first layer's blocks split at their median p_keep; later layers keep all
+        for name, predictor in model.block_predictors.items():
+            predictor.classifier.weight.data.normal_(0.0, 1.0)
+            if name != "0":
+                predictor.classifier.bias.data = torch.tensor([-1e3, 1e3])
+    return method, model.eval()
+
+
+def _median_threshold(method, model, batches: list[dict]) -> float:
+    from skimbench.methods.blockskim import pad_to_blocks
+    from skimbench.skim import Tokens, attention_layer_diagonal
+
+    values = []
+    with torch.inference_mode():
+        for batch in batches:
+            padded = pad_to_blocks(batch, 32)
+            tokens = Tokens.start(model.embed(padded), padded["attention_mask"])
+            _, diagonal, _ = attention_layer_diagonal(model.layers[0], tokens.hidden,
+                                                      tokens.mask(), 32)
+            values.append(model.block_predictors["0"](diagonal).softmax(-1)[..., 1].flatten())
+    return float(torch.cat(values).median())
+
+
+def skimming_efficiency(config: TimingConfig) -> dict:
+    """(e) Transkimmer (SST-2-like lengths) and Block-Skim (SQuAD length) on MiniLM."""
+    baseline = get_method("baseline")(get_method("baseline").Config())
+    results = {}
+    for key, kind, length in (("transkimmer", CLASSIFICATION, 64),
+                              ("blockskim", EXTRACTIVE_QA, 384)):
+        method, model = _skimmer(key, kind)
+        features = random_features(32, length, seed=3)
+        for batch_size in (1, 32):
+            batches = ([collate([f], None) for f in features[:16]] if batch_size == 1
+                       else [collate(features, None)])
+            if key == "blockskim":
+                cls = type(method)
+                method = cls(cls.Config(threshold=_median_threshold(method, model, batches)))
+            with torch.inference_mode():
+                kept = [method.forward(model, b).trace.query_tokens.float().mean().item()
+                        / b["input_ids"].shape[1] for b in batches]
+            ours = time_ab(forward_all(baseline, model, batches),
+                           forward_all(method, model, batches), config)
+            oracle = time_ab(forward_all(baseline, model, batches),
+                             replay_all(model, method, batches), config)
+            efficiency = ours.speedup / oracle.speedup
+            results[f"{key}_batch{batch_size}"] = {
+                "mean_kept_fraction": sum(kept) / len(kept), "time_speedup": ours.speedup,
+                "oracle_speedup": oracle.speedup, "removal_efficiency": efficiency,
+                "load_flagged": ours.load_flagged or oracle.load_flagged,
+                "target": ">= 0.9", "ok": efficiency >= 0.9}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/bench.json"))
     parser.add_argument("--min-seconds", type=float, default=3.0)
+    parser.add_argument("--only", choices=("skimming",), default=None,
+                        help="run one benchmark and print it (nothing written)")
     args = parser.parse_args()
     config = TimingConfig(warmup=2, min_iters=10, min_seconds=args.min_seconds)
+    if args.only == "skimming":
+        print(json.dumps(skimming_efficiency(config), indent=2))
+        return
     figures = {"threads": torch.get_num_threads()}
     figures["a_harness_overhead"] = harness_overhead(config)
     figures["b_analytic_macs"] = analytic_macs_speed()
     figures["c_repeatability"] = repeatability(config)
     figures["d_removal_efficiency"] = removal_efficiency(config)
+    figures["e_skimming_removal_efficiency"] = skimming_efficiency(config)
     curve_config = TimingConfig(warmup=1, min_iters=3, min_seconds=0.5, max_seconds=20.0)
     figures["d_latency_curves"] = {
         "minilm": latency_curve("minilm", (8, 16, 24, 32, 64, 128, 256, 384, 512), (1, 32),

@@ -115,19 +115,63 @@ def attention_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor |
     differentiable stand-in for removing the keys with weight 0 (methods-spec 1.8);
     `renormalise=False` keeps the plain product (not equivalent to removal)."""
     attention = layer.attention.self
-    shape = (*hidden.shape[:-1], attention.num_attention_heads, attention.attention_head_size)
-    query = attention.query(hidden).view(shape).transpose(1, 2)
+    batch, length = hidden.shape[:2]
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+    shape = (batch, length, heads, size)
+    # scale the queries (n x d) rather than the scores (n x n) and add the mask in place:
+    # the (B, A, n, n) scores are written once, not three times
+    query = (attention.query(hidden) * attention.scaling).view(shape).transpose(1, 2)
     key = attention.key(hidden).view(shape).transpose(1, 2)
     value = attention.value(hidden).view(shape).transpose(1, 2)
-    scores = torch.matmul(query, key.transpose(2, 3)) * attention.scaling
+    scores = torch.matmul(query, key.transpose(2, 3))
     if mask is not None:
-        scores = scores + mask
+        scores.add_(mask)
     probs = F.softmax(scores, dim=-1)
     if key_weights is not None:
         probs = probs * key_weights[:, None, None, :].to(probs.dtype)
         if renormalise:
             probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-9)
     context = torch.matmul(attention.dropout(probs), value)
-    context = context.transpose(1, 2).reshape(*hidden.shape[:-1], attention.all_head_size)
+    context = context.transpose(1, 2).reshape(batch, length, attention.all_head_size)
     attended = layer.attention.output(context, hidden)
     return layer.feed_forward_chunk(attended), probs
+
+
+def diagonal_blocks(probs: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, A, n, n) -> (B, A, n / block, block, block): each block's attention to itself."""
+    batch, heads, length, _ = probs.shape
+    blocks = length // block
+    grid = probs.reshape(batch, heads, blocks, block, blocks, block)
+    return grid.diagonal(dim1=2, dim2=4).permute(0, 1, 4, 2, 3)
+
+
+def attention_layer_diagonal(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
+                             block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One BERT layer and its diagonal attention blocks (B, A, n / block, block, block), plus
+    the MACs per row spent on them beyond the layer.
+
+    In training (gradients must reach the maps) this is the eager layer. At inference on a CPU
+    the fused attention kernel computes the output and each query's log-sum-exp, and only the
+    diagonal blocks' probabilities are formed from their own scores: exact, at the cost of
+    n * block * H more MACs, instead of materialising all n x n probabilities."""
+    if layer.training or hidden.device.type != "cpu":
+        output, probs = attention_layer(layer, hidden, mask)
+        return output, diagonal_blocks(probs, block), 0
+    attention = layer.attention.self
+    batch, length, size = hidden.shape
+    heads, head_size = attention.num_attention_heads, attention.attention_head_size
+    shape = (batch, length, heads, head_size)
+    query, key, value = (projection(hidden).view(shape).transpose(1, 2) for projection in
+                         (attention.query, attention.key, attention.value))
+    context, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, False, attn_mask=mask, scale=attention.scaling)
+    blocks = length // block
+    tiles = (batch, heads, blocks, block, head_size)
+    scores = torch.matmul(query.reshape(tiles) * attention.scaling,
+                          key.reshape(tiles).transpose(-1, -2))
+    if mask is not None:
+        scores = scores + mask.reshape(batch, 1, blocks, 1, block)
+    diagonal = torch.exp(scores - logsumexp.reshape(batch, heads, blocks, block, 1))
+    context = context.transpose(1, 2).reshape(batch, length, size)
+    output = layer.feed_forward_chunk(layer.attention.output(context, hidden))
+    return output, diagonal, length * block * size

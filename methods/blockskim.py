@@ -4,7 +4,8 @@ ICLR 2021 submission "Block Skim Transformer"; official code ChandlerGuan/blocks
 methods-spec 3).
 
 A small CNN per augmented layer reads the diagonal 32x32 blocks of that layer's attention
-probabilities and predicts whether each block holds answer tokens. Training is one stage from
+probabilities (at inference formed from the fused kernel's log-sum-exp, so no layer gives up
+fast attention) and predicts whether each block holds answer tokens. Training is one stage from
 the pre-trained backbone on the full, un-skimmed model: the QA loss plus alpha times the
 class-weighted block loss summed over layers (the maps receive its gradient). At inference,
 after each augmented layer, blocks with p_keep < `threshold` are physically removed from the
@@ -32,7 +33,7 @@ from torch.nn import functional as F
 
 from skimbench.method import Context, Method, MethodConfig, register
 from skimbench.model import Output, Trace, task_loss
-from skimbench.skim import OutputBuffer, Tokens, attention_layer, scatter_logits
+from skimbench.skim import OutputBuffer, Tokens, attention_layer_diagonal, scatter_logits
 from skimbench.tasks import EXTRACTIVE_QA
 
 LABEL_RULES = ("gt1", "ge1")
@@ -110,12 +111,10 @@ class BlockPredictor(nn.Module):
         self.classifier.weight.data.normal_(0.0, init_range)
         self.classifier.bias.data.zero_()
 
-    def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        """(B, A, n, n) attention probabilities -> (B, n / b, 2) block logits."""
-        batch, heads, length, _ = probs.shape
-        blocks, b = length // self.block, self.block
-        diagonal = probs.reshape(batch, heads, blocks, b, blocks, b).diagonal(dim1=2, dim2=4)
-        maps = diagonal.permute(0, 4, 1, 2, 3).reshape(batch * blocks, heads, b, b)
+    def forward(self, diagonal: torch.Tensor) -> torch.Tensor:
+        """(B, A, K, b, b) diagonal attention blocks -> (B, K, 2) block logits."""
+        batch, heads, blocks, b, _ = diagonal.shape
+        maps = diagonal.transpose(1, 2).reshape(batch * blocks, heads, b, b)
         return self.classifier(self.features(maps).flatten(1)).view(batch, blocks, 2)
 
     @staticmethod
@@ -230,10 +229,11 @@ class BlockSkim(Method):
             if predictor is None:
                 tokens = replace(tokens, hidden=layer(tokens.hidden, tokens.mask()))
                 continue
-            out, probs = attention_layer(layer, tokens.hidden, tokens.mask())
+            out, diagonal, diagonal_macs = attention_layer_diagonal(
+                layer, tokens.hidden, tokens.mask(), b)
             tokens = replace(tokens, hidden=out)
-            logits = predictor(probs)
-            extra += logits.shape[1] * BlockPredictor.macs(heads, b)
+            logits = predictor(diagonal)
+            extra += diagonal_macs + logits.shape[1] * BlockPredictor.macs(heads, b)
             block_logits.append(logits)
             if skim:
                 types = padded["token_type_ids"].gather(1, tokens.positions)

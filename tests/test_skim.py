@@ -107,3 +107,22 @@ def test_zero_key_weights_equal_removing_those_keys():
         soft, _ = attention_layer(model.layers[0], hidden, None, weights)
         removed = model.layers[0](hidden[:, kept], None)
     torch.testing.assert_close(soft[:, kept], removed, atol=1e-5, rtol=1e-5)
+
+
+def test_diagonal_blocks_from_the_fused_kernel_equal_the_eager_probabilities():
+    from skimbench.skim import attention_layer_diagonal, diagonal_blocks
+
+    model = tiny()
+    batch = collate(features([64, 40]), None)
+    hidden = model.embed(batch)
+    mask = additive_mask(batch["attention_mask"], hidden.dtype)
+    with torch.inference_mode():
+        eager_out, probs = attention_layer(model.layers[0], hidden, mask)
+        fused_out, diagonal, macs = attention_layer_diagonal(model.layers[0], hidden, mask, 32)
+    torch.testing.assert_close(fused_out, eager_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(diagonal, diagonal_blocks(probs, 32), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(diagonal[0, 1, 1], probs[0, 1, 32:, 32:])
+    assert macs == 64 * 32 * model.hidden_size
+    model.layers[0].train()  # training: the eager layer, so gradients reach the maps
+    _, diagonal, macs = attention_layer_diagonal(model.layers[0], hidden, mask, 32)
+    assert macs == 0 and diagonal.requires_grad

@@ -145,7 +145,7 @@ def blockskim_mixed():
     """Random block predictors with tau in the widest gap of the first layer's p_keep: about
     half the blocks go, and no decision sits near the threshold."""
     from skimbench.methods.blockskim import pad_to_blocks
-    from skimbench.skim import Tokens, attention_layer
+    from skimbench.skim import Tokens, attention_layer_diagonal
 
     method, model = build("blockskim", EXTRACTIVE_QA)
     torch.manual_seed(1)
@@ -156,8 +156,9 @@ def blockskim_mixed():
     batch = pad_to_blocks(collate(features(LENGTHS), None), 32)
     with torch.inference_mode():
         tokens = Tokens.start(model.embed(batch), batch["attention_mask"])
-        _, probs = attention_layer(model.layers[0], tokens.hidden, tokens.mask())
-        p_keep = model.block_predictors["0"](probs).softmax(-1)[..., 1].flatten().sort().values
+        _, diagonal, _ = attention_layer_diagonal(model.layers[0], tokens.hidden,
+                                                  tokens.mask(), 32)
+        p_keep = model.block_predictors["0"](diagonal).softmax(-1)[..., 1].flatten().sort().values
     gaps = p_keep[1:] - p_keep[:-1]
     middle = slice(len(gaps) // 4, 3 * len(gaps) // 4)
     at = gaps[middle].argmax() + middle.start
