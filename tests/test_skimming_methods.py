@@ -345,3 +345,16 @@ def test_settings_the_backbone_cannot_take_fail_before_anything_runs(tiny_data, 
     assert result.exit_code == 2 and message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_blockskim_protect_question_keeps_the_question_blocks():
+    method, model = build("blockskim", EXTRACTIVE_QA, threshold=1.0, protect_question=True)
+    feats = features([130])
+    feats[0]["token_type_ids"] = [0] * 40 + [1] * 90  # [CLS] question [SEP] in 0..39
+    batch = collate(feats, None)
+    with torch.inference_mode():
+        out = method.forward(model, batch)
+        unprotected = with_settings(method, protect_question=False).forward(model, batch)
+    assert out.trace.query_tokens[0].tolist() == [160, 64]  # blocks 0-1 hold the question
+    assert bool((out.logits[0, :40] > -1e3).all()) and bool((out.logits[0, 64:] < -1e3).all())
+    assert unprotected.trace.query_tokens[0].tolist() == [160, 0]
