@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import features
-from test_simple_baselines import tiny
+from test_model import features, tiny_model
 
 from skimbench.features import collate
 from skimbench.model import additive_mask
@@ -82,12 +81,17 @@ def test_scatter_logits_puts_survivors_back_and_removed_positions_at_minus_infin
     assert (full[1, [0, 2, 3, 4, 5]] == REMOVED_LOGIT).all()  # the filler wrote nowhere
 
 
+def embedded(lengths: list[int], attn: str = "sdpa"):
+    """A tiny model and its embedded, masked batch of random inputs."""
+    model = tiny_model(attn=attn)
+    batch = collate(features(lengths), None)
+    hidden = model.embed(batch)
+    return model, hidden, additive_mask(batch["attention_mask"], hidden.dtype)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attention_layer_is_the_backbone_layer(attn):
-    model = tiny()
-    batch = collate(features([5, 12]), None)
-    hidden = model.embed(batch)
-    mask = additive_mask(batch["attention_mask"], hidden.dtype)
+    model, hidden, mask = embedded([5, 12], attn)
     with torch.inference_mode():
         ours, probs = attention_layer(model.layers[0], hidden, mask)
         torch.testing.assert_close(ours, model.layers[0](hidden, mask), atol=1e-5, rtol=1e-5)
@@ -97,9 +101,7 @@ def test_attention_layer_is_the_backbone_layer(attn):
 
 
 def test_zero_key_weights_equal_removing_those_keys():
-    model = tiny()
-    batch = collate(features([12]), None)
-    hidden = model.embed(batch)
+    model, hidden, _ = embedded([12])
     weights = torch.ones(1, 12)
     weights[0, [3, 7, 8]] = 0
     kept = [i for i in range(12) if i not in (3, 7, 8)]
@@ -112,10 +114,7 @@ def test_zero_key_weights_equal_removing_those_keys():
 def test_diagonal_blocks_from_the_fused_kernel_equal_the_eager_probabilities():
     from skimbench.skim import attention_layer_diagonal, diagonal_blocks
 
-    model = tiny()
-    batch = collate(features([64, 40]), None)
-    hidden = model.embed(batch)
-    mask = additive_mask(batch["attention_mask"], hidden.dtype)
+    model, hidden, mask = embedded([64, 40])
     with torch.inference_mode():
         eager_out, probs = attention_layer(model.layers[0], hidden, mask)
         fused_out, diagonal, macs = attention_layer_diagonal(model.layers[0], hidden, mask, 32)
