@@ -15,9 +15,8 @@ import torch
 
 from skimbench.method import Context, Method, MethodConfig, register
 from skimbench.model import Output, Trace, additive_mask
+from skimbench.skim import REMOVED_LOGIT
 from skimbench.tasks import EXTRACTIVE_QA
-
-REMOVED_LOGIT = -1e4
 
 
 @dataclass
