@@ -183,8 +183,9 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     backbone = resolve_backbone(spec.backbone or budget.backbone)
     # a hub name that cannot be loaded, or settings the backbone cannot take, fail here,
     # before any file is written
+    method = method_cls(config)
     try:
-        method_cls(config).check_backbone(backbone.config())
+        method.check_backbone(backbone.config())
     except ValueError as exc:
         raise UsageError(f"invalid setting for method {method_cls.key!r} on backbone "
                          f"{backbone.name!r}: {exc}") from None
@@ -192,7 +193,7 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     run_id = spec.run_id or default_run_id(spec.profile, backbone, spec.seed, spec.overrides,
                                            spec.padding)
     run_dir = Path(spec.out) / "runs" / task.key / method_cls.key / run_id
-    return ResolvedRun(spec, method_cls(config), task, backbone, budget, paddings, run_dir)
+    return ResolvedRun(spec, method, task, backbone, budget, paddings, run_dir)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
