@@ -47,6 +47,7 @@ def run_model(method, model, features: list[dict], padding: str, batch_size: int
                 traces.append({"length": int(lengths[row]),
                                "exit_layer": int(out.trace.exit_layer[row]),
                                "tokens": out.trace.query_tokens[row].tolist(),
+                               "extra_macs": int(out.trace.extra_macs[row]),
                                "macs": int(macs[row])})
     return logits, traces
 
@@ -93,11 +94,13 @@ def evaluate(method, model, task: Task, examples: list, features: list[dict], pa
         per_example: dict[int, dict] = {}
         for feature, trace in zip(features, traces, strict=True):
             entry = per_example.setdefault(feature["example_index"], {
-                "windows": 0, "length": [], "exit_layer": [], "tokens": [], "macs": 0})
+                "windows": 0, "length": [], "exit_layer": [], "tokens": [], "extra_macs": 0,
+                "macs": 0})
             entry["windows"] += 1
             entry["length"].append(trace["length"])
             entry["exit_layer"].append(trace["exit_layer"])
             entry["tokens"].append(trace["tokens"])
+            entry["extra_macs"] += trace["extra_macs"]
             entry["macs"] += trace["macs"]
         rows = [{"id": ex.id, "prediction": predictions.get(ex.id, ""), "gold": ex.answers,
                  "null_odds": null_odds.get(ex.id), **per_example[i]}

@@ -5,6 +5,8 @@ reach the predictors."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_model import features
@@ -289,6 +291,12 @@ def test_blockskim_and_transkimmer_runs_write_per_mode_records(tiny_data, tmp_pa
             assert set(mode["metrics"]) == set(record["metrics"])
             assert not mode["macs_mismatch"] and mode["removal_efficiency"] > 0
         assert record["metrics"] == record["padding"]["none"]["metrics"]  # headline: none
+        # the per-example trace: kept tokens per layer and the predictors' (and head's) MACs
+        rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").open()]
+        for row in rows:
+            windows = row["tokens"] if key == "blockskim" else [row["tokens"]]  # QA: per window
+            assert all(w == sorted(w, reverse=True) for w in windows)  # removed stays removed
+            assert 0 < row["extra_macs"] < row["macs"]
 
 
 def test_an_inference_setting_sweep_reuses_the_trained_weights(tiny_data, tmp_path):
