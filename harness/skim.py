@@ -58,6 +58,10 @@ class Tokens:
         keep = keep & self.alive
         if bool(keep.all()):
             return self
+        if keep.shape[0] == 1:  # one row: no alignment, a plain index select (4x fewer ops)
+            index = keep[0].nonzero().squeeze(1)
+            return Tokens(self.hidden[:, index], self.positions[:, index],
+                          self.alive[:, index], self.attend[:, index])
         counts = keep.sum(dim=1)
         width = int(counts.max())  # 0 when every row removes everything
         order = torch.arange(self.width, device=keep.device).expand_as(keep)
@@ -67,7 +71,6 @@ class Tokens:
         hidden = self.hidden.gather(1, index[..., None].expand(-1, -1, self.hidden.shape[-1]))
         return Tokens(hidden, self.positions.gather(1, index), used,
                       self.attend.gather(1, index) & used)
-
 
     def masked(self, keep: torch.Tensor) -> Tokens:
         """The same decision by masking only: removed slots stay in the tensor (computed, never

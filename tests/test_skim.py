@@ -34,6 +34,19 @@ def test_keep_gathers_in_order_and_aligns_rows_with_masked_fillers():
     assert kept.mask()[1, 0, 0, 2:].lt(-1e30).all()
 
 
+def test_a_single_row_keeps_exactly_what_it_keeps_inside_a_batch():
+    t = tokens()
+    keep = torch.tensor([[1, 0, 1, 1, 0, 1], [1, 0, 1, 0, 1, 0]], dtype=torch.bool)
+    batched = t.keep(keep)
+    for row in range(2):
+        alone = Tokens(t.hidden[row:row + 1], t.positions[row:row + 1], t.alive[row:row + 1],
+                       t.attend[row:row + 1]).keep(keep[row:row + 1])
+        width = int(batched.alive[row].sum())
+        assert alone.width == width
+        for field in ("hidden", "positions", "alive", "attend"):
+            assert torch.equal(getattr(alone, field)[0], getattr(batched, field)[row, :width])
+
+
 def test_keep_never_revives_a_removed_slot_and_pads_stay_masked():
     t = tokens()
     first = t.keep(torch.tensor([[1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 1, 1]], dtype=torch.bool))
