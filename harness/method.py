@@ -46,6 +46,7 @@ class Context:
     task: Task
     budget: Budget
     needs: dict[str, Path]         # e.g. {"baseline": <finished baseline run dir>}
+    run_dir: Path | None = None    # this run's directory: caches of costly preparation
 
 
 class Method:
@@ -90,6 +91,10 @@ class Method:
     def baseline_model(self, ctx: Context) -> TaskModel:
         """The fine-tuned baseline of this task and backbone (for `needs = ("baseline",)`)."""
         return load_checkpoint(Method.build(self, ctx), ctx.needs["baseline"])
+
+    def prepare(self, model: nn.Module, ctx: Context, features: list[dict], log) -> None:
+        """Work on the training features before the first stage (e.g. a teacher's saliency
+        maps); skipped when the trained weights are reused."""
 
     def stages(self, ctx: Context) -> list[Stage]:
         """One fine-tuning stage from the budget; multi-stage methods override."""

@@ -321,7 +321,7 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
         f"({len(train_features)} features), {len(eval_examples)} eval examples "
         f"({len(eval_features)} features)")
 
-    ctx = Context(r.backbone, task, budget, needs)
+    ctx = Context(r.backbone, task, budget, needs, run_dir)
     torch.manual_seed(r.spec.seed)
     model = method.build(ctx)
     checkpoint = run_dir / CHECKPOINT
@@ -334,6 +334,7 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
         log(f"training skipped: {donor} trained the same model (only inference settings "
             "differ); reusing its weights")
     else:
+        method.prepare(model, ctx, train_features, log)
         summaries = train(model, method.stages(ctx), train_features, method.losses,
                           r.spec.seed, checkpoint.parent, log)
     train_seconds = time.perf_counter() - started

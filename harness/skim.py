@@ -5,8 +5,9 @@ shorter tensor, so later layers compute on fewer positions and a FLOPs counter s
 batch that keep different counts are aligned to the longest with masked filler slots, so a row's
 result never depends on its batch mates. `OutputBuffer` holds each removed token's last state for
 span heads (methods-spec 1.6), and `attention_layer` runs a BERT layer with eager attention when a
-method needs the attention probabilities or soft key weights; every other layer keeps the
-backbone's fast attention.
+method needs the attention probabilities or soft key weights (`attention_block` stops before the
+FFN, for methods that remove tokens in between); every other layer keeps the backbone's fast
+attention.
 """
 
 from __future__ import annotations
@@ -109,10 +110,12 @@ def scatter_logits(logits: torch.Tensor, tokens: Tokens, length: int) -> torch.T
     return full[:, :-1]
 
 
-def attention_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
+def attention_block(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
                     key_weights: torch.Tensor | None = None, renormalise: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One BERT layer with eager attention: (output, post-softmax probabilities (B, A, n, n)).
+    """A BERT layer's attention sub-layer (after its residual + LayerNorm) with eager attention:
+    (output, post-softmax probabilities (B, A, n, n)). Methods that remove tokens between
+    attention and FFN (PoWER-BERT, LTP) run the FFN themselves on the survivors.
 
     `key_weights` (B, n) scales each key's probability and renormalises every query's row, a
     differentiable stand-in for removing the keys with weight 0 (methods-spec 1.8);
@@ -136,7 +139,15 @@ def attention_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor |
             probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-9)
     context = torch.matmul(attention.dropout(probs), value)
     context = context.transpose(1, 2).reshape(batch, length, attention.all_head_size)
-    attended = layer.attention.output(context, hidden)
+    return layer.attention.output(context, hidden), probs
+
+
+def attention_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
+                    key_weights: torch.Tensor | None = None, renormalise: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One whole BERT layer with eager attention: (output, probabilities); see
+    `attention_block` for `key_weights`."""
+    attended, probs = attention_block(layer, hidden, mask, key_weights, renormalise)
     return layer.feed_forward_chunk(attended), probs
 
 

@@ -3,7 +3,8 @@
 A method describes its schedule as a list of Stage (epochs or steps, learning rate, which of its
 named losses to weight, which parameters to freeze); the trainer runs them in order with a seeded
 data order, gradient clipping and a progress bar, and checkpoints after each stage so that an
-interrupted run resumes from the last finished stage.
+interrupted run resumes from the last finished stage. A stage may give some parameters their own
+learning rate (learned thresholds) and a per-step hook (annealing, clipping a parameter's range).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class Stage:
     grad_clip: float = 1.0
     losses: dict[str, float] = field(default_factory=lambda: {"task": 1.0})
     frozen: tuple[str, ...] = ()           # parameter-name prefixes held fixed in this stage
+    # parameter-name prefix -> its own learning rate (no weight decay; same warm-up and decay)
+    param_lrs: dict[str, float] = field(default_factory=dict)
+    # called as on_step(step, total) before each step (0..total-1) and once after the last
+    # (step == total): annealing schedules, clipping a parameter to its range
+    on_step: Callable[[int, int], None] | None = None
 
     def steps(self, num_examples: int) -> int:
         per_epoch = math.ceil(num_examples / self.batch_size)
@@ -44,15 +50,24 @@ LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 
 
 def _optimizer(model: nn.Module, stage: Stage) -> torch.optim.Optimizer:
-    """AdamW over the unfrozen parameters; no decay on biases and LayerNorm weights."""
+    """AdamW over the unfrozen parameters; no decay on biases and LayerNorm weights; the
+    stage's `param_lrs` prefixes in groups of their own."""
     decay, no_decay = [], []
+    own: dict[str, list] = {prefix: [] for prefix in stage.param_lrs}
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(stage.frozen) if stage.frozen else True)
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": stage.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr)
+        prefix = next((p for p in stage.param_lrs if name.startswith(p)), None)
+        if prefix is not None:
+            own[prefix].append(param)
+        else:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": stage.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": params, "weight_decay": 0.0, "lr": stage.param_lrs[prefix]}
+               for prefix, params in own.items() if params]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr)
 
 
 def _linear_schedule(optimizer, warmup: int, total: int):
@@ -93,7 +108,9 @@ def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: 
         started, running = time.perf_counter(), None
         bar = tqdm(total=total, desc=f"train {stage.name}", unit="step", leave=False)
         batches = _batches(features, stage.batch_size, generator)
-        for _ in range(total):
+        for step in range(total):
+            if stage.on_step is not None:
+                stage.on_step(step, total)
             losses = loss_fn(model, next(batches))
             loss = sum(stage.losses[name] * losses[name] for name in stage.losses)
             optimizer.zero_grad(set_to_none=True)
@@ -108,6 +125,8 @@ def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: 
             bar.update()
             bar.set_postfix(loss=f"{running:.4f}")
         bar.close()
+        if stage.on_step is not None:
+            stage.on_step(total, total)
         for param in model.parameters():
             param.requires_grad_(True)
         seconds = time.perf_counter() - started

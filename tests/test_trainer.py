@@ -78,3 +78,16 @@ def test_gradients_are_clipped_to_the_stage_norm(monkeypatch):
           features([5, 6, 7, 8]), loss_fn, seed=0, log=lambda _: None)
     assert len(seen) == 3
     assert all(max_norm == 0.01 and after <= 0.01 * 1.001 for max_norm, after in seen)
+
+
+def test_param_lrs_give_a_prefix_its_own_rate_and_on_step_sees_every_step():
+    """A learned threshold trains at its own rate (here 0: it must not move while the head
+    does); the hook runs before each of the 3 steps and once after the last."""
+    m = model()
+    before = m.head.bias.detach().clone()
+    calls = []
+    train(m, [Stage("own-lr", epochs=2, max_steps=3, lr=1e-2, batch_size=4, param_lrs={"head.bias": 0.0},
+                    on_step=lambda step, total: calls.append((step, total)))],
+          features([5, 6, 7, 8, 9, 10]), loss_fn, seed=0, log=lambda _: None)
+    assert torch.equal(m.head.bias, before)
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
