@@ -39,7 +39,8 @@ def encode(task: Task, examples: list, tokenizer, max_length: int, doc_stride: i
                  "example_index": w.example_index, "window": w} for w in windows]
     pairs = [e.text_pair for e in examples]
     encoded = tokenizer([e.text for e in examples], pairs if any(p is not None for p in pairs)
-                        else None, truncation=True, max_length=max_length)
+                        else None, truncation=True, max_length=max_length,
+                        return_token_type_ids=True)  # RoBERTa's tokenizer omits them otherwise
     return [{"input_ids": ids, "token_type_ids": types, "labels": e.label, "example_index": i}
             for i, (e, ids, types) in enumerate(zip(examples, encoded["input_ids"],
                                                     encoded["token_type_ids"], strict=True))]

@@ -189,3 +189,15 @@ def attention_layer_diagonal(layer: nn.Module, hidden: torch.Tensor, mask: torch
     context = context.transpose(1, 2).reshape(batch, length, size)
     output = layer.feed_forward_chunk(layer.attention.output(context, hidden))
     return output, diagonal, length * block * size
+
+
+def attention_received(probs: torch.Tensor, queries: torch.Tensor,
+                       exclude_self: bool = False) -> torch.Tensor:
+    """(B, A, n, n) probabilities -> (B, n): the head-averaged attention each key receives,
+    summed over the query rows in `queries` (B, n) bool (pads and removed slots left out), and
+    over every other row but its own when `exclude_self` (PoWER-BERT's significance; LTP's
+    importance before its normalisation)."""
+    mean = probs.mean(dim=1) * queries[:, :, None].to(probs.dtype)
+    if exclude_self:
+        mean = mean * (1 - torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device))
+    return mean.sum(dim=1)

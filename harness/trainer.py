@@ -36,9 +36,9 @@ class Stage:
     frozen: tuple[str, ...] = ()           # parameter-name prefixes held fixed in this stage
     # parameter-name prefix -> its own learning rate (no weight decay; same warm-up and decay)
     param_lrs: dict[str, float] = field(default_factory=dict)
-    # called as on_step(step, total) before each step (0..total-1) and once after the last
-    # (step == total): annealing schedules, clipping a parameter to its range
-    on_step: Callable[[int, int], None] | None = None
+    # called as on_step(model, step, total) before each step (0..total-1) and once after the
+    # last (step == total): annealing schedules, clipping a parameter to its range
+    on_step: Callable[[nn.Module, int, int], None] | None = None
 
     def steps(self, num_examples: int) -> int:
         per_epoch = math.ceil(num_examples / self.batch_size)
@@ -110,7 +110,7 @@ def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: 
         batches = _batches(features, stage.batch_size, generator)
         for step in range(total):
             if stage.on_step is not None:
-                stage.on_step(step, total)
+                stage.on_step(model, step, total)
             losses = loss_fn(model, next(batches))
             loss = sum(stage.losses[name] * losses[name] for name in stage.losses)
             optimizer.zero_grad(set_to_none=True)
@@ -126,7 +126,7 @@ def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: 
             bar.set_postfix(loss=f"{running:.4f}")
         bar.close()
         if stage.on_step is not None:
-            stage.on_step(total, total)
+            stage.on_step(model, total, total)
         for param in model.parameters():
             param.requires_grad_(True)
         seconds = time.perf_counter() - started

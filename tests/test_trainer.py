@@ -87,7 +87,7 @@ def test_param_lrs_give_a_prefix_its_own_rate_and_on_step_sees_every_step():
     before = m.head.bias.detach().clone()
     calls = []
     train(m, [Stage("own-lr", epochs=2, max_steps=3, lr=1e-2, batch_size=4, param_lrs={"head.bias": 0.0},
-                    on_step=lambda step, total: calls.append((step, total)))],
+                    on_step=lambda _, step, total: calls.append((step, total)))],
           features([5, 6, 7, 8, 9, 10]), loss_fn, seed=0, log=lambda _: None)
     assert torch.equal(m.head.bias, before)
     assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
