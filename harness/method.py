@@ -60,6 +60,8 @@ class Method:
     # settings that only change inference: a run differing from a finished one only in these
     # reuses that run's trained weights instead of training again (threshold sweeps)
     inference_settings: ClassVar[tuple[str, ...]] = ()
+    # the `method` names of its figures in paper-numbers.csv (the report's paper-table re-make)
+    paper_names: ClassVar[tuple[str, ...]] = ()
     # the method's own training recipe per task key ("*": any task) under `--profile paper`
     paper_budgets: ClassVar[dict[str, dict]] = {}
 

@@ -93,7 +93,9 @@ def records_frame(results: Path, latency_dir: Path | None = None):
 
 
 def write_report(results: Path, out: Path) -> list[Path]:
+    from skimbench.method import methods
     from skimbench.report_render import (
+        paper_comparison,
         paper_numbers,
         published_baselines,
         write_index,
@@ -105,5 +107,9 @@ def write_report(results: Path, out: Path) -> list[Path]:
     papers = paper_numbers()
     published = {task: published_baselines(papers, TASKS[task].paper_name)
                  for task in frame["task"].unique()}
-    files = write_task_tables(frame, out, published) + write_pareto(frame, out)
+    names = {key: cls.paper_names for key, cls in methods().items() if cls.paper_names}
+    compared = {task: paper_comparison(frame[frame["task"] == task], papers,
+                                       TASKS[task].paper_name, names)
+                for task in frame["task"].unique()}
+    files = write_task_tables(frame, out, published, compared) + write_pareto(frame, out)
     return [*files, write_index(out, files, frame)]

@@ -399,8 +399,89 @@ def published_baselines(papers: pd.DataFrame, dataset: str) -> pd.DataFrame:
     return rows[["paper", "table", "backbone", "metric", "value", "split"]].fillna("")
 
 
+PAPER_BASELINES = ("baseline", "baseline (no skimming)")
+WITHIN_POINTS = 1.0  # the operating point compared with a paper: within this of our baseline
+PAPER_COLUMNS = ("paper figure", "paper backbone", "padding", "paper metric (vs its baseline)",
+                 "paper speedup", "our run", "our metric (vs our baseline)",
+                 "our FLOPs speedup", "ours / paper speedup")
+
+
+def _signed(value: float) -> str:
+    return MISSING if math.isnan(value) else f"{value:+.1f}"
+
+
+def _our_point(table: pd.DataFrame, method: str, mode: str) -> pd.Series | None:
+    """Our run of `method` to set beside a paper's: the one with the highest FLOPs speedup in
+    `mode` among those within WITHIN_POINTS of our baseline, else the most accurate."""
+    runs = table[table["method"] == method]
+    base = table[table["method"].map(_is_baseline)]
+    if runs.empty:
+        return None
+    speed = f"flops_speedup_{mode}"
+    if not base.empty:
+        close = runs[runs["metric"] >= float(base["metric"].iloc[0]) - WITHIN_POINTS]
+        if not close.empty:
+            return close.loc[close[speed].astype(float).idxmax()]
+    return runs.loc[runs["metric"].astype(float).idxmax()]
+
+
+def paper_comparison(frame_task: pd.DataFrame, papers: pd.DataFrame, dataset: str,
+                     paper_names: dict[str, tuple[str, ...]]) -> pd.DataFrame:
+    """The paper-table re-make: each speedup a paper reports for a method we ran on this data
+    set, with its metric and the drop from its own baseline, beside our run's (same padding
+    mode; our FLOPs speedup whatever the paper's speedup kind, which the cell names)."""
+    table = _numeric_table(frame_task)
+    base = table[table["method"].map(_is_baseline)]
+    our_base = float(base["metric"].iloc[0]) if not base.empty else math.nan
+    rows = []
+    for method, names in paper_names.items():
+        if method not in set(table["method"]):
+            continue
+        mine = papers[(papers["dataset"] == dataset) & papers["method"].isin(names)]
+        for _, speed in mine[mine["metric"].str.lower() == "speedup"].iterrows():
+            same = mine[(mine["paper"] == speed["paper"]) & (mine["table"] == speed["table"])
+                        & (mine["backbone"] == speed["backbone"])
+                        & (mine["method"] == speed["method"])
+                        & (mine["padding"] == speed["padding"])
+                        & (mine["metric"].str.lower() != "speedup")]
+            metric_text, drop = MISSING, math.nan
+            if not same.empty:
+                metric = same.iloc[0]
+                # the paper's own baseline: same table and backbone
+                their_base = papers[(papers["paper"] == metric["paper"])
+                                    & (papers["table"] == metric["table"])
+                                    & (papers["backbone"] == metric["backbone"])
+                                    & (papers["dataset"] == dataset)
+                                    & papers["method"].isin(PAPER_BASELINES)
+                                    & (papers["metric"] == metric["metric"])]
+                if not their_base.empty:
+                    drop = (pd.to_numeric(metric["value"], errors="coerce")
+                            - pd.to_numeric(their_base["value"].iloc[0], errors="coerce"))
+                metric_text = f"{metric['metric']} {metric['value']} ({_signed(drop)})"
+            mode = speed["padding"] if speed["padding"] in PADDING_MODES else "none"
+            ours = _our_point(table, method, mode)
+            paper_speed = pd.to_numeric(speed["value"], errors="coerce")
+            our_speed = _num(ours[f"flops_speedup_{mode}"]) if ours is not None else math.nan
+            rows.append({
+                PAPER_COLUMNS[0]: f"{speed['paper']} {speed['table']}: {speed['method']}",
+                PAPER_COLUMNS[1]: _text(speed["backbone"]),
+                PAPER_COLUMNS[2]: f"{speed['padding']}" + ("" if mode == speed["padding"]
+                                                          else " (ours: none)"),
+                PAPER_COLUMNS[3]: metric_text,
+                PAPER_COLUMNS[4]: f"{_times(paper_speed)} ({_text(speed['speedup_kind'])})",
+                PAPER_COLUMNS[5]: _text(ours["run"]) if ours is not None else MISSING,
+                PAPER_COLUMNS[6]: (f"{_plain(ours['metric'], 1)} "
+                                   f"({_signed(_num(ours['metric']) - our_base)})"
+                                   if ours is not None else MISSING),
+                PAPER_COLUMNS[7]: _times(our_speed),
+                PAPER_COLUMNS[8]: _times(our_speed / paper_speed),
+            })
+    return pd.DataFrame(rows, columns=list(PAPER_COLUMNS))
+
+
 def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame,
-                   published: pd.DataFrame | None = None) -> str:
+                   published: pd.DataFrame | None = None,
+                   compared: pd.DataFrame | None = None) -> str:
     numeric = _numeric_table(frame_task)
     title = _task_title(frame_task, task)
     backbones = sorted(set(numeric["backbone"]))
@@ -437,6 +518,18 @@ def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame,
     if floors:
         lines.append("- Fitted latency floor t0 of the backbone (time that no token removal "
                      "can save, DESIGN 4.4): " + "; ".join(floors) + ".")
+    if compared is not None and len(compared):
+        lines += ["", "## Paper figures beside ours", "",
+                  "Each speedup a paper reports for a method run here, on this data set "
+                  "(`paper-numbers.csv`), with the paper's metric and its difference from that "
+                  "paper's own baseline, beside our run in the same padding mode (`unknown` is "
+                  f"set beside our `none`). Our run is the one with the highest FLOPs speedup "
+                  f"within {WITHIN_POINTS:g} point of our baseline (the most accurate when none "
+                  "is), and its difference is from our baseline. The papers mostly use "
+                  "BERT-base at their own lengths and report some speedups as wall-clock "
+                  "times (the kind is named); ours are FLOPs on this report's backbone, so the "
+                  "last column says how much of the paper's saving our protocol measures, not "
+                  "a like-for-like ratio.", "", markdown_table(compared)]
     if published is not None and len(published):
         lines += ["", "## Published baseline figures", "",
                   "The papers' own baselines for this data set (`paper-numbers.csv`). They are "
@@ -447,7 +540,8 @@ def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame,
 
 
 def write_task_tables(frame: pd.DataFrame, out_dir,
-                      published: dict[str, pd.DataFrame] | None = None) -> list[Path]:
+                      published: dict[str, pd.DataFrame] | None = None,
+                      compared: dict[str, pd.DataFrame] | None = None) -> list[Path]:
     """Write `<task>.md`, `<task>.csv` (raw numbers) and `<task>.tex` per task; their paths."""
     out_dir = Path(out_dir)
     written = []
@@ -455,7 +549,8 @@ def write_task_tables(frame: pd.DataFrame, out_dir,
         rows = _task_rows(frame, task)
         table = task_table(rows)
         md, csv, tex = (out_dir / f"{task}.{ext}" for ext in ("md", "csv", "tex"))
-        write_atomic(md, _task_markdown(rows, task, table, (published or {}).get(task)))
+        write_atomic(md, _task_markdown(rows, task, table, (published or {}).get(task),
+                                        (compared or {}).get(task)))
         write_atomic(csv, task_table(rows, numeric=True).to_csv(index=False))
         write_atomic(tex, latex_table(table, table.attrs.get("footnotes")))
         written += [md, csv, tex]

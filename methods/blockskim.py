@@ -156,6 +156,7 @@ def block_labels(batch: dict, config: BlockSkimConfig) -> torch.Tensor:
 class BlockSkim(Method):
     """Block predictor on attention maps; skimmed 32-token blocks removed (AAAI 2022)."""
 
+    paper_names = ("BST", "BST (BSM at one layer, skipping)")
     Config = BlockSkimConfig
     kinds = frozenset({EXTRACTIVE_QA})
     inference_settings = ("threshold", "faithful_batching", "protect_question",

@@ -64,6 +64,7 @@ class LTPConfig(MethodConfig):
 class LTP(Method):
     """Learned per-layer thresholds on received attention; pruned tokens removed (KDD 2022)."""
 
+    paper_names = ("LTP",)
     Config = LTPConfig
     kinds = frozenset({CLASSIFICATION, REGRESSION})
     needs = ("baseline",)

@@ -67,6 +67,7 @@ class PowerBertConfig(MethodConfig):
 class PowerBert(Method):
     """Keep the top-l_j tokens by received attention after each layer's attention (ICML 2020)."""
 
+    paper_names = ("PoWER-BERT", "POWER-BERT")
     Config = PowerBertConfig
     kinds = frozenset({CLASSIFICATION, REGRESSION})
     needs = ("baseline",)

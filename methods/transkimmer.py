@@ -100,6 +100,7 @@ def predictor_macs(hidden: int) -> int:
 class Transkimmer(Method):
     """Skim predictor before every layer; skimmed tokens are removed and forwarded (ACL 2022)."""
 
+    paper_names = ("Transkimmer",)
     Config = TranskimmerConfig
     inference_settings = ("keep_threshold", "gumbel_eval", "simulate")
     # the released scripts' recipes (methods-spec 4.3), for `--profile paper`

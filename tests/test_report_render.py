@@ -176,3 +176,32 @@ def test_paper_numbers_from_package_data():
                 & (table["backbone"] == "BERT-base") & (table["metric"] == "EM")]
     assert row["value"].tolist() == ["81.14", "81.14"]  # Table 1 upper and lower half
     assert row["split"].tolist() == ["unknown", "unknown"] and row["note"].isna().iloc[0]
+
+
+def test_paper_comparison_sets_our_best_point_within_a_point_beside_each_paper_figure(tmp_path):
+    """truncate k=32 (88.5) is 2.7 points under the baseline and k=16 more: none is within a
+    point, so the most accurate run is set beside the paper; its drop is from our baseline."""
+    papers = pd.DataFrame([
+        ("P", "Table 1", "BERT-base", "baseline", "SST-2", "accuracy", "93.0", "", "none"),
+        ("P", "Table 1", "BERT-base", "Trunc", "SST-2", "accuracy", "92.0", "", "none"),
+        ("P", "Table 1", "BERT-base", "Trunc", "SST-2", "speedup", "2.8", "flops", "none"),
+        ("P", "Table 1", "BERT-base", "Trunc", "SST-2", "speedup", "4.0", "flops", "sequence"),
+        ("P", "Table 1", "BERT-base", "Trunc", "MRPC", "speedup", "9.0", "flops", "none"),
+    ], columns=["paper", "table", "backbone", "method", "dataset", "metric", "value",
+                "speedup_kind", "padding"])
+    compared = rr.paper_comparison(make_frame(), papers, "SST-2", {"truncate": ("Trunc",)})
+    assert len(compared) == 2  # MRPC's figure is not this data set's
+    none, sequence = compared.to_dict("records")
+    assert none["paper metric (vs its baseline)"] == "accuracy 92.0 (-1.0)"
+    assert none["our run"] == "truncate k=32"
+    assert none["our metric (vs our baseline)"] == "88.5 (-2.7)"
+    assert none["our FLOPs speedup"] == "1.40x" and none["ours / paper speedup"] == "0.50x"
+    assert sequence["paper metric (vs its baseline)"] == "n/a"  # no sequence-mode metric row
+    assert sequence["our FLOPs speedup"] == "2.20x"
+    # within a point of the baseline, the fastest run in the paper's mode is chosen
+    frame = make_frame()
+    frame.loc[frame["label"] == "truncate k=16", "metric"] = 90.5
+    compared = rr.paper_comparison(frame, papers, "SST-2", {"truncate": ("Trunc",)})
+    assert compared["our run"].tolist() == ["truncate k=16"] * 2
+    md = rr._task_markdown(frame, "sst2", rr.task_table(frame), None, compared)
+    assert "## Paper figures beside ours" in md and "| P Table 1: Trunc |" in md
