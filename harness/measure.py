@@ -63,8 +63,9 @@ def forward_all(method, model: nn.Module, batches: list[dict]) -> Callable[[], N
 def replay_all(model: nn.Module, method, batches: list[dict]) -> Callable[[], None]:
     """The oracle: the plain encoder run at exactly the method's per-layer token counts.
 
-    No predictor, no gather, no mask: per batch, layer l gets the largest query-token count
-    the method had in that layer; layers past the latest exit are not run.
+    No predictor, no gather, no mask: per batch, layer l's attention gets the largest
+    query-token count the method had in that layer and its FFN the largest FFN-token count
+    (fewer where a method removes tokens in between); layers past the latest exit are not run.
     """
     hidden_size = model.hidden_size
     plans = []
@@ -73,18 +74,23 @@ def replay_all(model: nn.Module, method, batches: list[dict]) -> Callable[[], No
             trace = method.forward(model, batch).trace
             exit_layer = int(trace.exit_layer.max())
             lengths = trace.query_tokens[:, :exit_layer].max(dim=0).values.tolist()
+            ffn_lengths = trace.ffn_tokens[:, :exit_layer].max(dim=0).values.tolist()
             start = torch.randn(len(batch["input_ids"]), max(lengths, default=1), hidden_size)
-            plans.append((start, lengths))
+            plans.append((start, list(zip(lengths, ffn_lengths, strict=True))))
 
     def call() -> None:
         with torch.inference_mode():
-            for start, lengths in plans:
+            for start, counts in plans:
                 hidden = start
-                for layer, n in zip(model.layers, lengths, strict=False):
+                for layer, (n, ffn) in zip(model.layers, counts, strict=False):
                     hidden = hidden[:, :n]
                     if n == 0:  # every token was removed: nothing more runs
                         break
-                    hidden = layer(hidden, None)
+                    if ffn == n:
+                        hidden = layer(hidden, None)
+                    else:
+                        attended, _ = layer.attention(hidden, None)
+                        hidden = layer.feed_forward_chunk(attended[:, :ffn])
                 model.logits(hidden)
 
     return call

@@ -68,7 +68,6 @@ class LTP(Method):
     Config = LTPConfig
     kinds = frozenset({CLASSIFICATION, REGRESSION})
     needs = ("baseline",)
-    attn_implementation = "eager"
     inference_settings = ("threshold_scale", "simulate")
     # README: batch 64; soft stage lr 2e-5 (1 epoch on the larger sets, 10 on RTE/MRPC), hard
     # stage 5 epochs at lr in {0.5, 1, 2}e-5; both stages here run the budget's epochs

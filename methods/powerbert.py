@@ -71,7 +71,6 @@ class PowerBert(Method):
     Config = PowerBertConfig
     kinds = frozenset({CLASSIFICATION, REGRESSION})
     needs = ("baseline",)
-    attn_implementation = "eager"
     inference_settings = ("retention_scale",)
     # README: every step runs the same epochs (example 3) at LR_BERT with the task's batch
     paper_budgets = {key: dict(lr=lr, batch_size=batch, epochs=3)

@@ -74,6 +74,26 @@ def test_replay_runs_the_method_schedule():
     assert calls[-2:] == [8, 8]
 
 
+class ShrinksBeforeFFN(Method):
+    """Claims its FFNs ran on 4 tokens while attention saw them all (PoWER-BERT's shape)."""
+
+    def forward(self, model, batch):
+        out = model(batch)
+        out.trace.ffn_tokens[:] = 4
+        return out
+
+
+def test_replay_runs_the_ffn_at_its_own_count():
+    model = tiny()
+    batches = [collate(features([6, 13, 20]), None)]
+    attention, ffn = [], []
+    for layer in model.layers:
+        layer.attention.register_forward_hook(lambda m, a, o: attention.append(a[0].shape[1]))
+        layer.intermediate.register_forward_hook(lambda m, a, o: ffn.append(a[0].shape[1]))
+    replay_all(model, ShrinksBeforeFFN(Method.Config()), batches)()
+    assert attention[-2:] == [20, 4] and ffn[-2:] == [4, 4]  # the replay, after the plan
+
+
 def test_timing_sample_is_fixed_per_mode():
     _, budget, feats, _ = setup()
     assert [len(b["input_ids"]) for b in timing_batches(feats, "none", budget, 16)] == [1, 1]
