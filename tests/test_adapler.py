@@ -292,7 +292,9 @@ def test_stage_weights_the_losses_and_anneals_lambda():
     [stage] = method.stages(context())
     assert stage.name == "adapler"
     assert stage.losses == {"task": 1.0, "saliency": 5e-3, "length": 5e-4}
-    assert stage.param_lrs == {"length_reduction.": 5e-4}
+    assert stage.param_lrs == {"length_reduction.": 5e-4, "contribution_predictors.": 1e-3}
+    [paper] = with_settings(method, predictor_lr=None).stages(context())
+    assert paper.param_lrs == {"length_reduction.": 5e-4}  # the CPs at the network's rate
     with torch.no_grad():
         model.length_reduction.eta.copy_(torch.tensor([-1.0, 3.0]))
         model.length_reduction.theta.fill_(-1.0)
