@@ -612,6 +612,7 @@ def pareto_frontier(points: pd.DataFrame) -> pd.DataFrame:
 
 _PANELS = (("none", "padding none: no pad token computed"),
            ("sequence", "padding sequence: padded to the task's max length"))
+MAX_LABELLED = 10  # points per panel that all get a label
 _METHOD_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h", "<", ">")
 _SIMPLE_MARKERS = {"truncate": "o", "layerdrop": "s", "topk-cls": "^"}
 _NEUTRAL = "#7f7f7f"
@@ -719,10 +720,13 @@ def _draw_panel(ax, renderer, points: pd.DataFrame, styles: dict, mode: str, tit
         style.pop("label")
         ax.scatter(rows["speedup"], rows["metric"], **style)
     many = points["backbone"].nunique() > 1 or points["profile"].nunique() > 1
+    # a crowded panel names only its frontier and the baseline; the table names the rest
+    named = points if len(points) <= MAX_LABELLED else points[
+        points["label"].isin(frontier["label"]) | points["method"].map(_is_baseline)]
     texts = [f"{r.label}{' ' + r.markers if r.markers else ''}"
              f"{f' ({r.backbone}, {r.profile})' if many else ''}"
-             for r in points.itertuples(index=False)]
-    _place_labels(ax, renderer, points, texts)
+             for r in named.itertuples(index=False)]
+    _place_labels(ax, renderer, named, texts)
 
 
 def _pareto_figure(frame_task: pd.DataFrame, task: str, speedup_column: str):
@@ -754,7 +758,10 @@ def _pareto_figure(frame_task: pd.DataFrame, task: str, speedup_column: str):
     fig.suptitle(f"{_task_title(frame_task, task)}: {metric_name} vs {kind}", fontsize=13)
     fig.text(0.5, 0.915, f"backbone {', '.join(sorted(set(numeric['backbone'])))}; profile "
              f"{', '.join(sorted(set(numeric['profile'])))}; dashed step = Pareto frontier; "
-             "grey bars = bootstrap 95% CI", ha="center", fontsize=9, color="#555555")
+             "grey bars = bootstrap 95% CI"
+             + (f"; panels with more than {MAX_LABELLED} runs name the frontier only"
+                if any(len(p) > MAX_LABELLED for _, _, p in panels) else ""),
+             ha="center", fontsize=9, color="#555555")
     used = [m for m in styles if any(m in set(p["method"]) for _, _, p in panels)]
     handles = []
     for method in used:

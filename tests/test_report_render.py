@@ -205,3 +205,20 @@ def test_paper_comparison_sets_our_best_point_within_a_point_beside_each_paper_f
     assert compared["our run"].tolist() == ["truncate k=16"] * 2
     md = rr._task_markdown(frame, "sst2", rr.task_table(frame), None, compared)
     assert "## Paper figures beside ours" in md and "| P Table 1: Trunc |" in md
+
+
+def test_a_crowded_panel_names_only_its_frontier_and_the_baseline():
+    rows = []
+    for i in range(rr.MAX_LABELLED + 2):  # a sweep of points that all lie on one line
+        frame = make_frame(flag=None)
+        run = frame[frame["label"] == "truncate k=32"].copy()
+        run["label"] = f"truncate k={40 + i}"
+        run["metric"] = 80.0 - i
+        run["flops_speedup"] = 5.0 - 0.01 * i  # slower and worse than i=0: dominated
+        rows.append(run)
+    frame = pd.concat([make_frame(flag=None), *rows], ignore_index=True)
+    fig = rr._pareto_figure(frame, "sst2", "flops_speedup")
+    named = {t.get_text().split(" ")[0] + " " + t.get_text().split(" ")[1]
+             for t in fig.axes[0].texts if t.get_text().startswith("truncate k=4")}
+    assert named == {"truncate k=40"}  # the dominated sweep points are drawn, not named
+    assert any(t.get_text() == "baseline" for t in fig.axes[0].texts)
