@@ -277,3 +277,22 @@ def test_pruning_runs_write_per_mode_records(tiny_data, tmp_path):
         for line in (run_dir / "predictions.jsonl").open():
             tokens = json.loads(line)["tokens"]
             assert tokens == sorted(tokens, reverse=True)
+
+
+@pytest.mark.parametrize("key", ["powerbert", "ltp", "adapler"])
+def test_paper_profile_uses_the_methods_recipe_on_bert_base(tiny_data, tmp_path, key):
+    """`--profile paper` runs the paper's recipe (PoWER-BERT's README row for SST-2, LTP's
+    README, AdapLeR's run.sh); here for one step per stage on random:bert-base."""
+    from skimbench.records import read_json
+    from skimbench.runner import RunSpec, run
+
+    cheap = {"max_steps": "1", "max_train_examples": "4", "max_eval_examples": "2",
+             "time_examples": "1", "time_batches": "1", "time_min_seconds": "0",
+             "time_min_iters": "1", "count_batches": "1", "eval_batch_size": "2"}
+    run_dir = run(RunSpec(method=key, task="sst2", profile="paper", backbone="random:bert-base",
+                          data_dir=tiny_data, out=tmp_path, padding="none", overrides=cheap),
+                  lambda _line: None)
+    budget = read_json(run_dir / "config.json")["budget"]
+    expected = get_method(key).paper_budget(get_task("sst2"))
+    assert expected and {k: budget[k] for k in expected} == expected
+    assert not read_json(run_dir / "record.json")["padding"]["none"]["macs_mismatch"]
