@@ -220,6 +220,10 @@ def test_ltp_soft_stage_trains_thresholds_then_the_hard_stage_freezes_them(tmp_p
     assert [s.name for s in stages] == ["ltp-soft", "ltp-hard"]
     assert list(stages[0].param_lrs) == ["token_thresholds"]
     assert stages[1].frozen == ("token_thresholds",)
+    assert stages[1].epochs == stages[0].epochs
+    assert with_settings(method, hard_epochs=5.0).stages(
+        Context(resolve_backbone("random:tiny"), get_task("sst2"),
+                budget_for("smoke", get_task("sst2")), {}))[1].epochs == 5.0
     model.train()
     stages[0].on_step(model, 0, 10)
     losses = method.losses(model, collate(features(LENGTHS), None))
