@@ -12,13 +12,13 @@ attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from skimbench.model import additive_mask
+from skimbench.model import Output, Trace, additive_mask
 
 REMOVED_LOGIT = -1e4  # span logit of a removed position: no answer is decoded there
 
@@ -201,3 +201,31 @@ def attention_received(probs: torch.Tensor, queries: torch.Tensor,
     if exclude_self:
         mean = mean * (1 - torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device))
     return mean.sum(dim=1)
+
+
+def prune_after_attention(model: nn.Module, batch: dict, decide, masked: bool = False
+                          ) -> Output:
+    """The encoder with tokens removed between each layer's attention and its FFN
+    (PoWER-BERT, LTP). `decide(index, probs, tokens)` gives the slots (B, n) to keep after
+    layer `index`'s attention (None keeps all); `masked` keeps removed slots as non-attended
+    ones instead (the dense cost). Each layer's trace has two lengths: attention on the slots
+    it received, FFN on those kept."""
+    hidden = model.embed(batch)
+    batch_size, length = batch["input_ids"].shape
+    tokens = Tokens.start(hidden, batch["attention_mask"])
+    attention_widths, ffn_widths = [], []
+    for index, layer in enumerate(model.layers):
+        attention_widths.append(tokens.width)
+        attended, probs = attention_block(layer, tokens.hidden, tokens.mask())
+        keep = decide(index, probs, tokens)
+        tokens = replace(tokens, hidden=attended)
+        if keep is not None:
+            tokens = tokens.masked(keep) if masked else tokens.keep(keep)
+        tokens = replace(tokens, hidden=layer.feed_forward_chunk(tokens.hidden))
+        ffn_widths.append(tokens.width)
+    attention = torch.tensor(attention_widths).expand(batch_size, -1)
+    ffn = torch.tensor(ffn_widths).expand(batch_size, -1)
+    trace = Trace(attention.clone(), attention.clone(), ffn.clone(), attention * attention,
+                  torch.full((batch_size,), len(model.layers)),
+                  torch.full((batch_size,), model.head_macs(length)))
+    return Output(model.logits(tokens.hidden), trace)

@@ -31,7 +31,7 @@ from torch import nn
 
 from skimbench.method import Context, Method, MethodConfig, register
 from skimbench.model import Output, Trace, task_loss
-from skimbench.skim import Tokens, attention_block, attention_received
+from skimbench.skim import Tokens, attention_block, attention_received, prune_after_attention
 from skimbench.tasks import CLASSIFICATION, REGRESSION
 
 IMPORTANCE_LENGTHS = ("task", "alive")
@@ -161,28 +161,15 @@ class LTP(Method):
     def _pruned(self, model, batch: dict, masked: bool = False) -> Output:
         """Hard pruning: after each layer's attention, tokens under the threshold leave the
         tensor (or, `masked`, stay as non-attended slots) before the FFN."""
-        hidden = model.embed(batch)
-        batch_size = hidden.shape[0]
-        tokens = Tokens.start(hidden, batch["attention_mask"])
         thresholds = self.thresholds(model)
-        attention_widths, ffn_widths = [], []
-        for index, layer in enumerate(model.layers):
-            attention_widths.append(tokens.width)
-            attended, probs = attention_block(layer, tokens.hidden, tokens.mask())
-            tokens = replace(tokens, hidden=attended)
-            if index > 0:
-                scores = self.importance(model, probs, tokens)
-                limit = torch.clamp(thresholds[index - 1], min=MIN_THRESHOLD)
-                keep = scores >= limit
-                keep[:, 0] = True  # [CLS]
-                if self.config.threshold_scale == 0 and not model.training:
-                    keep = torch.ones_like(keep)  # pruning disabled
-                tokens = tokens.masked(keep) if masked else tokens.keep(keep)
-            tokens = replace(tokens, hidden=layer.feed_forward_chunk(tokens.hidden))
-            ffn_widths.append(tokens.width)
-        attention = torch.tensor(attention_widths).expand(batch_size, -1)
-        ffn = torch.tensor(ffn_widths).expand(batch_size, -1)
-        trace = Trace(attention.clone(), attention.clone(), ffn.clone(), attention * attention,
-                      torch.full((batch_size,), len(model.layers)),
-                      torch.full((batch_size,), model.head_macs(batch["input_ids"].shape[1])))
-        return Output(model.logits(tokens.hidden), trace)
+        disabled = self.config.threshold_scale == 0 and not model.training
+
+        def decide(index: int, probs: torch.Tensor, tokens: Tokens) -> torch.Tensor | None:
+            if index == 0 or disabled:  # layer 0 never prunes
+                return None
+            scores = self.importance(model, probs, tokens)
+            keep = scores >= torch.clamp(thresholds[index - 1], min=MIN_THRESHOLD)
+            keep[:, 0] = True  # [CLS]
+            return keep
+
+        return prune_after_attention(model, batch, decide, masked)

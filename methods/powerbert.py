@@ -32,7 +32,7 @@ from torch import nn
 
 from skimbench.method import Context, Method, MethodConfig, register
 from skimbench.model import Output, Trace, task_loss
-from skimbench.skim import Tokens, attention_block, attention_received
+from skimbench.skim import Tokens, attention_block, attention_received, prune_after_attention
 from skimbench.tasks import CLASSIFICATION, REGRESSION, Task
 
 QUERIES = ("real", "all")
@@ -164,24 +164,12 @@ class PowerBert(Method):
     def _extracted(self, model, batch: dict) -> Output:
         """Hard extraction: after each attention sub-layer keep [CLS] and the top
         min(l_j, n) - 1 other real tokens, in input order; the FFN runs on them only."""
-        hidden = model.embed(batch)
-        batch_size = hidden.shape[0]
-        tokens = Tokens.start(hidden, batch["attention_mask"])
-        attention_widths, ffn_widths = [], []
-        for layer, count in zip(model.layers, self.configuration(model), strict=True):
-            attention_widths.append(tokens.width)
-            attended, probs = attention_block(layer, tokens.hidden, tokens.mask())
+        counts = self.configuration(model)
+
+        def decide(index: int, probs: torch.Tensor, tokens: Tokens) -> torch.Tensor:
             score = self.significance(probs, tokens)
             score[:, 0] = math.inf  # [CLS]
-            keep_count = min(count, tokens.width)
-            top = score.topk(keep_count, dim=1).indices
-            keep = torch.zeros_like(tokens.attend).scatter_(1, top, True) & tokens.attend
-            tokens = replace(tokens, hidden=attended).keep(keep)
-            tokens = replace(tokens, hidden=layer.feed_forward_chunk(tokens.hidden))
-            ffn_widths.append(tokens.width)
-        attention = torch.tensor(attention_widths).expand(batch_size, -1)
-        ffn = torch.tensor(ffn_widths).expand(batch_size, -1)
-        trace = Trace(attention.clone(), attention.clone(), ffn.clone(), attention * attention,
-                      torch.full((batch_size,), len(model.layers)),
-                      torch.full((batch_size,), model.head_macs(batch["input_ids"].shape[1])))
-        return Output(model.logits(tokens.hidden), trace)
+            top = score.topk(min(counts[index], tokens.width), dim=1).indices
+            return torch.zeros_like(tokens.attend).scatter_(1, top, True) & tokens.attend
+
+        return prune_after_attention(model, batch, decide)

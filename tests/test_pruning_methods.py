@@ -67,6 +67,15 @@ def ltp(tmp_path, threshold=None, **settings):
     return method, model
 
 
+def assert_gives_the_baseline(method, model) -> None:
+    """Pruning disabled: the baseline's logits, unpadded and padded to the task length."""
+    for pad_to in (None, TASK_LENGTH):
+        batch = collate(features(LENGTHS), pad_to)
+        with torch.inference_mode():
+            torch.testing.assert_close(method.forward(model, batch).logits, tiny()(batch).logits,
+                                       atol=1e-5, rtol=1e-5)
+
+
 def importances(method, model, batch):
     """Layer 1's importance of every real token (layer 0 never prunes)."""
     from skimbench.skim import Tokens, attention_block
@@ -92,12 +101,7 @@ def test_attention_received_sums_real_query_rows_and_can_skip_the_diagonal():
 # -- PoWER-BERT -------------------------------------------------------------------------------
 
 def test_powerbert_retaining_the_whole_length_is_the_baseline(tmp_path):
-    method, model = build("powerbert", tmp_path)  # r = 1 everywhere: l_j = 160 >= every n
-    for pad_to in (None, TASK_LENGTH):
-        batch = collate(features(LENGTHS), pad_to)
-        with torch.inference_mode():
-            torch.testing.assert_close(method.forward(model, batch).logits, tiny()(batch).logits,
-                                       atol=1e-5, rtol=1e-5)
+    assert_gives_the_baseline(*build("powerbert", tmp_path))  # r = 1: l_j = 160 >= every n
 
 
 @pytest.mark.parametrize("pad_to", [None, TASK_LENGTH])
@@ -171,12 +175,7 @@ def test_powerbert_uses_the_readme_settings_per_task():
 # -- LTP --------------------------------------------------------------------------------------
 
 def test_ltp_threshold_zero_is_the_baseline(tmp_path):
-    method, model = ltp(tmp_path, threshold_scale=0.0)
-    for pad_to in (None, TASK_LENGTH):
-        batch = collate(features(LENGTHS), pad_to)
-        with torch.inference_mode():
-            torch.testing.assert_close(method.forward(model, batch).logits, tiny()(batch).logits,
-                                       atol=1e-5, rtol=1e-5)
+    assert_gives_the_baseline(*ltp(tmp_path, threshold_scale=0.0))
 
 
 @pytest.mark.parametrize("pad_to", [None, TASK_LENGTH])
