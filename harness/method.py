@@ -64,6 +64,9 @@ class Method:
     paper_names: ClassVar[tuple[str, ...]] = ()
     # the method's own training recipe per task key ("*": any task) under `--profile paper`
     paper_budgets: ClassVar[dict[str, dict]] = {}
+    # keep the weights of every epoch before the last as checkpoint/epoch-<k>.pt (the
+    # baseline: a teacher averaged over epochs)
+    keeps_epochs: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

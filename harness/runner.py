@@ -45,6 +45,7 @@ from skimbench.records import (
     write_atomic,
     write_json,
 )
+from skimbench.selection import hold_out, select_checkpoint, selects
 from skimbench.tasks import OFFLINE_SPLIT_SEED, Task, data_source, get_task, load_task_data
 from skimbench.timing import PeakRSS
 from skimbench.trainer import save_state, train
@@ -301,6 +302,23 @@ def run(spec: RunSpec, echo=print) -> Path:
     return run_dir
 
 
+def _select(r: ResolvedRun, model, candidates: list[Path], baseline, base_model,
+            examples: list, features: list[dict], max_length: int, log) -> dict:
+    """Keep the fastest epoch within tolerance on the held-out examples (skimbench.selection);
+    the summary names every candidate's metric and speedup."""
+    chosen, rows = select_checkpoint(
+        r.method, model, candidates, baseline, base_model, r.task, examples, features,
+        r.budget.eval_batch_size, max_length, r.method.config.select_tolerance)
+    metric = r.task.main_metric
+    for row in rows:
+        log(f"selection: {row['checkpoint']} {metric} {row[metric]:.2f} (baseline "
+            f"{row['baseline_' + metric]:.2f}), FLOPs speedup {row['flops_speedup']:.2f}x"
+            + (" <- kept" if row["chosen"] else ""))
+    return {"stage": "selection", "held_out_train_examples": len(examples),
+            "tolerance": r.method.config.select_tolerance, "kept": chosen.name,
+            "candidates": rows}
+
+
 def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log) -> None:
     task, budget, method, run_dir = r.task, r.budget, r.method, r.run_dir
     log(f"run {method.key} on {task.key} ({r.spec.profile}, {r.backbone.name}, "
@@ -309,6 +327,17 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
     data = load_task_data(task, data_dir, files)
     train_examples = _subset(data.train, budget.max_train_examples)
     eval_examples = _subset(data.eval, budget.max_eval_examples)
+    ctx = Context(r.backbone, task, budget, needs, run_dir)
+    stages = method.stages(ctx)
+    if stages and method.keeps_epochs:
+        stages[-1] = replace(stages[-1], save_epochs=True)
+    # checkpoint selection needs two epochs or more to choose from, and data held out to choose
+    select_examples = []
+    if (stages and selects(method.config)
+            and len(stages[-1].epoch_ends(len(train_examples))) > 1):
+        train_examples, select_examples = hold_out(train_examples,
+                                                   method.config.select_examples)
+        stages[-1] = replace(stages[-1], save_epochs=True)
     tokenizer = r.backbone.tokenizer()
     max_length = budget.max_length or task.max_length
     encode_args = dict(max_length=max_length, doc_stride=budget.doc_stride,
@@ -321,10 +350,13 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
         f"({len(train_features)} features), {len(eval_examples)} eval examples "
         f"({len(eval_features)} features)")
 
-    ctx = Context(r.backbone, task, budget, needs, run_dir)
     torch.manual_seed(r.spec.seed)
     model = method.build(ctx)
     checkpoint = run_dir / CHECKPOINT
+    baseline = base_model = None
+    if method.key != BASELINE:
+        baseline = get_method(BASELINE)(get_method(BASELINE).Config())
+        base_model = load_checkpoint(baseline.build(ctx), needs[BASELINE]).eval()
     started = time.perf_counter()
     donor = trained_donor(run_dir, r.config(), method)
     if donor is not None:
@@ -335,17 +367,25 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
             "differ); reusing its weights")
     else:
         method.prepare(model, ctx, train_features, log)
-        summaries = train(model, method.stages(ctx), train_features, method.losses,
-                          r.spec.seed, checkpoint.parent, log)
+        summaries = train(model, stages, train_features, method.losses, r.spec.seed,
+                          checkpoint.parent, log)
+        # the stage files are temporary: the record names what stays
+        last_stage = summaries[-1] if summaries else {}
+        epochs = [Path(p) for p in last_stage.pop("epoch_checkpoints", [])]
+        if select_examples:
+            summaries.append(_select(r, model, epochs, baseline, base_model, select_examples,
+                                     encode(task, select_examples, tokenizer, **encode_args),
+                                     max_length, log))
+        if method.keeps_epochs:  # the earlier epochs stay beside the final weights
+            for k, path in enumerate(epochs[:-1], start=1):
+                path.replace(checkpoint.parent / f"epoch-{k}.pt")
+            last_stage["earlier_epochs"] = [f"checkpoint/epoch-{k}.pt"
+                                               for k in range(1, len(epochs))]
     train_seconds = time.perf_counter() - started
     save_state(model, checkpoint)
     for stage_file in checkpoint.parent.glob("stage-*.pt"):
         stage_file.unlink()
 
-    baseline = base_model = None
-    if method.key != BASELINE:
-        baseline = get_method(BASELINE)(get_method(BASELINE).Config())
-        base_model = load_checkpoint(baseline.build(ctx), needs[BASELINE]).eval()
     evaluations, base_evaluations, measured = {}, {}, {}
     for padding in r.paddings:
         args = (task, eval_examples, eval_features, padding, budget.eval_batch_size, max_length)

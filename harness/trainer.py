@@ -4,7 +4,8 @@ A method describes its schedule as a list of Stage (epochs or steps, learning ra
 named losses to weight, which parameters to freeze); the trainer runs them in order with a seeded
 data order, gradient clipping and a progress bar, and checkpoints after each stage so that an
 interrupted run resumes from the last finished stage. A stage may give some parameters their own
-learning rate (learned thresholds) and a per-step hook (annealing, clipping a parameter's range).
+learning rate (learned thresholds) and a per-step hook (annealing, clipping a parameter's range),
+and may keep its weights at every epoch's end (model selection, a teacher averaged over epochs).
 """
 
 from __future__ import annotations
@@ -39,11 +40,19 @@ class Stage:
     # called as on_step(model, step, total) before each step (0..total-1) and once after the
     # last (step == total): annealing schedules, clipping a parameter to its range
     on_step: Callable[[nn.Module, int, int], None] | None = None
+    # keep the weights at the end of every epoch (the last one may be partial) as
+    # stage-<i>-<name>-epoch-<k>.pt beside the stage checkpoint
+    save_epochs: bool = False
 
     def steps(self, num_examples: int) -> int:
         per_epoch = math.ceil(num_examples / self.batch_size)
         total = max(1, math.ceil(per_epoch * self.epochs))
         return min(total, self.max_steps) if self.max_steps else total
+
+    def epoch_ends(self, num_examples: int) -> list[int]:
+        """The step counts at which each epoch ends; the last is the stage's end."""
+        per_epoch, total = math.ceil(num_examples / self.batch_size), self.steps(num_examples)
+        return [*range(per_epoch, total, per_epoch), total]
 
 
 LossFn = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
@@ -87,10 +96,17 @@ def _batches(features: list[dict], batch_size: int, generator: torch.Generator):
             yield collate([features[i] for i in order[start:start + batch_size]], None)
 
 
+def _epoch_file(saved: Path, k: int) -> Path:
+    return saved.with_name(f"{saved.stem}-epoch-{k}.pt")
+
+
 def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: LossFn,
           seed: int, checkpoint_dir: Path | None = None, log: Callable[[str], None] = print
           ) -> list[dict]:
-    """Run every stage; returns per-stage summaries (steps, final loss, seconds)."""
+    """Run every stage; returns per-stage summaries (steps, final loss, seconds, and the
+    epoch checkpoints of a stage that keeps them)."""
+    if checkpoint_dir is None and any(stage.save_epochs for stage in stages):
+        raise ValueError("a stage that keeps its epochs needs a checkpoint directory")
     summaries = []
     for index, stage in enumerate(stages):
         saved = checkpoint_dir / f"stage-{index}-{stage.name}.pt" if checkpoint_dir else None
@@ -98,45 +114,69 @@ def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: 
             model.load_state_dict(torch.load(saved, map_location="cpu"))
             log(f"stage {stage.name}: resumed from {saved.name}")
             summaries.append({"stage": stage.name, "resumed": True})
+            if stage.save_epochs:
+                summaries[-1]["epoch_checkpoints"] = [
+                    str(_epoch_file(saved, k))
+                    for k in range(1, len(stage.epoch_ends(len(features))) + 1)]
             continue
-        torch.manual_seed(seed + index)
-        generator = torch.Generator().manual_seed(seed + index)
-        total = stage.steps(len(features))
-        optimizer = _optimizer(model, stage)
-        scheduler = _linear_schedule(optimizer, int(stage.warmup_ratio * total), total)
-        model.train()
-        started, running = time.perf_counter(), None
-        bar = tqdm(total=total, desc=f"train {stage.name}", unit="step", leave=False)
-        batches = _batches(features, stage.batch_size, generator)
-        for step in range(total):
-            if stage.on_step is not None:
-                stage.on_step(model, step, total)
-            losses = loss_fn(model, next(batches))
-            loss = sum(stage.losses[name] * losses[name] for name in stage.losses)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if stage.grad_clip:
-                nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], stage.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            running = value if running is None else 0.95 * running + 0.05 * value
-            bar.update()
-            bar.set_postfix(loss=f"{running:.4f}")
-        bar.close()
-        if stage.on_step is not None:
-            stage.on_step(model, total, total)
-        for param in model.parameters():
-            param.requires_grad_(True)
-        seconds = time.perf_counter() - started
-        log(f"stage {stage.name}: {total} steps, loss {running:.4f}, {seconds:.1f}s")
-        summaries.append({"stage": stage.name, "steps": total, "loss": running,
-                          "seconds": seconds})
+        summary = _run_stage(model, stage, features, loss_fn, seed + index, saved)
+        log(f"stage {stage.name}: {summary['steps']} steps, loss {summary['loss']:.4f}, "
+            f"{summary['seconds']:.1f}s")
+        summaries.append(summary)
         if saved is not None:
             save_state(model, saved)
     model.eval()
     return summaries
+
+
+def _run_stage(model: nn.Module, stage: Stage, features: list[dict], loss_fn: LossFn,
+               seed: int, saved: Path | None) -> dict:
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    total = stage.steps(len(features))
+    optimizer = _optimizer(model, stage)
+    scheduler = _linear_schedule(optimizer, int(stage.warmup_ratio * total), total)
+    model.train()
+    started, running = time.perf_counter(), None
+    bar = tqdm(total=total, desc=f"train {stage.name}", unit="step", leave=False)
+    batches = _batches(features, stage.batch_size, generator)
+    epoch_ends = stage.epoch_ends(len(features)) if stage.save_epochs else []
+    epoch_files: list[Path] = []
+    hooked = -1  # the last step on_step was called for
+
+    def hook(step: int) -> None:
+        nonlocal hooked
+        if stage.on_step is not None and hooked < step:
+            stage.on_step(model, step, total)
+            hooked = step
+
+    for step in range(total):
+        hook(step)
+        losses = loss_fn(model, next(batches))
+        loss = sum(stage.losses[name] * losses[name] for name in stage.losses)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if stage.grad_clip:
+            nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], stage.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        value = float(loss.detach())
+        running = value if running is None else 0.95 * running + 0.05 * value
+        bar.update()
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step + 1 in epoch_ends:  # saved as the next step would see it (clipped ranges)
+            hook(step + 1)
+            epoch_files.append(_epoch_file(saved, len(epoch_files) + 1))
+            save_state(model, epoch_files[-1])
+    bar.close()
+    hook(total)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return {"stage": stage.name, "steps": total, "loss": running,
+            "seconds": time.perf_counter() - started,
+            **({"epoch_checkpoints": [str(p) for p in epoch_files]} if stage.save_epochs
+               else {})}
 
 
 def save_state(model: nn.Module, path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Every speedup in skimbench is measured against this model, trained with the same recipe,
 backbone and data, and evaluated in the same padding mode. It is also the teacher or starting
-point of the methods that declare `needs = ("baseline",)`.
+point of the methods that declare `needs = ("baseline",)`; it keeps every epoch's weights, for
+teachers averaged over epochs (AdapLeR's saliency).
 """
 
 from __future__ import annotations
@@ -13,3 +14,5 @@ from skimbench.method import Method, register
 @register("baseline")
 class Baseline(Method):
     """Plain fine-tuning of the backbone (pooler + classifier, or span head for QA)."""
+
+    keeps_epochs = True

@@ -216,6 +216,32 @@ def test_saliency_equals_autograd_and_is_cached(baseline_run, tmp_path, monkeypa
         again.prepare(model, ctx, labelled([12, 30, 7]), lines.append)
 
 
+def test_saliency_averages_the_baselines_last_epochs(baseline_run, tmp_path):
+    """saliency_epochs=2 averages the final weights' map with the epoch before's; the cache
+    made from the final weights alone is not reused; a third epoch the run lacks is refused."""
+    earlier = tiny()
+    with torch.no_grad():
+        for param in earlier.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    torch.save(earlier.state_dict(), baseline_run / "checkpoint" / "epoch-1.pt")
+    feats = labelled([12, 30, 7])
+    ctx = context({"baseline": baseline_run}, tmp_path / "run")
+    method, model = build()
+    method.prepare(model, ctx, feats, lambda _: None)
+    final_only = method._saliency
+    method, _ = build(saliency_epochs=2)
+    method.prepare(model, ctx, feats, lambda _: None)
+    for feature in feats:
+        n = len(feature["input_ids"])
+        mean = (direct_saliency(tiny(), feature) + direct_saliency(earlier, feature)) / 2
+        torch.testing.assert_close(method._saliency[feature["example_index"], :n], mean,
+                                   atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(method._saliency, final_only)
+    method, _ = build(saliency_epochs=3)
+    with pytest.raises(UsageError, match="saliency_epochs=3 needs the baseline's last 3"):
+        method.prepare(model, ctx, feats, lambda _: None)
+
+
 def test_init_baseline_starts_from_the_fine_tuned_weights(baseline_run):
     cls = get_method("adapler")
     model = cls(cls.Config()).build(context({"baseline": baseline_run}))

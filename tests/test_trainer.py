@@ -91,3 +91,35 @@ def test_param_lrs_give_a_prefix_its_own_rate_and_on_step_sees_every_step():
           features([5, 6, 7, 8, 9, 10]), loss_fn, seed=0, log=lambda _: None)
     assert torch.equal(m.head.bias, before)
     assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+
+
+def test_epoch_ends_include_a_partial_last_epoch():
+    assert Stage("s", epochs=2, batch_size=32).epoch_ends(100) == [4, 8]
+    assert Stage("s", epochs=2.5, batch_size=32).epoch_ends(100) == [4, 8, 10]
+    assert Stage("s", epochs=0.5, batch_size=32).epoch_ends(100) == [2]
+    assert Stage("s", epochs=3, batch_size=32, max_steps=5).epoch_ends(100) == [4, 5]
+
+
+def test_save_epochs_keeps_each_epochs_weights_and_a_resume_names_them(tmp_path):
+    """Two epochs of 2 steps: the files hold the weights after steps 2 and 4 (the last is the
+    stage's final weights), the hook still runs once per step, and a resumed run lists the
+    same files without training."""
+    feats = features([5, 6, 7, 8])
+    calls = []
+    stage = Stage("e", epochs=2, lr=1e-2, batch_size=2, save_epochs=True,
+                  on_step=lambda _, step, total: calls.append(step))
+    first = model()
+    [summary] = train(first, [stage], feats, loss_fn, seed=0, checkpoint_dir=tmp_path,
+                      log=lambda _: None)
+    assert calls == [0, 1, 2, 3, 4]
+    paths = [tmp_path / "stage-0-e-epoch-1.pt", tmp_path / "stage-0-e-epoch-2.pt"]
+    assert summary["epoch_checkpoints"] == [str(p) for p in paths]
+    final = torch.load(paths[1])
+    assert all(torch.equal(final[k], v) for k, v in first.state_dict().items())
+    after_one, initial = torch.load(paths[0]), model().state_dict()
+    assert not torch.equal(after_one["head.weight"], final["head.weight"])
+    assert not torch.equal(after_one["head.weight"], initial["head.weight"])
+    resumed = train(model(), [stage], feats, loss_fn, seed=0, checkpoint_dir=tmp_path,
+                    log=lambda _: None)
+    assert resumed[0]["resumed"] and resumed[0]["epoch_checkpoints"] == summary[
+        "epoch_checkpoints"]
