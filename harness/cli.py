@@ -315,6 +315,10 @@ def _show(run_dir: Path) -> None:
             oracle = p.get("oracle_speedup")
             rows.append((f"CPU time speedup [{mode}]", f"{p['cpu_time_speedup']:.2f}x"
                          + (f"  (oracle {oracle:.2f}x)" if oracle else "")))
+        if p.get("total_flops_speedup") is not None:  # with a cache: its build cost included
+            total_time = p.get("total_cpu_time_speedup")
+            rows.append((f"FLOPs speedup total [{mode}]", f"{p['total_flops_speedup']:.2f}x"
+                         + (f"  (CPU time {total_time:.2f}x)" if total_time else "")))
     rows.append(("train time", f"{r['train_seconds']:.1f}s"))
     _table(("field", "value"), rows)
 

@@ -24,6 +24,7 @@ class Evaluation:
     macs_sum: int                   # over every example (QA: every window) of the eval set
     positions: int                  # token positions computed at layer 0, summed
     seconds: float
+    precomputed_macs_sum: int = 0   # cached work (Trace.precomputed_macs), once per key
 
 
 def run_model(method, model, features: list[dict], padding: str, batch_size: int,
@@ -49,6 +50,9 @@ def run_model(method, model, features: list[dict], padding: str, batch_size: int
                                "tokens": out.trace.query_tokens[row].tolist(),
                                "extra_macs": int(out.trace.extra_macs[row]),
                                "macs": int(macs[row])})
+                if out.trace.precomputed_key is not None:
+                    traces[-1]["precomputed_macs"] = int(out.trace.precomputed_macs[row])
+                    traces[-1]["precomputed_key"] = int(out.trace.precomputed_key[row])
     return logits, traces
 
 
@@ -86,6 +90,8 @@ def evaluate(method, model, task: Task, examples: list, features: list[dict], pa
     seconds = time.perf_counter() - started
     positions = sum(t["tokens"][0] for t in traces)
     macs_sum = sum(t["macs"] for t in traces)
+    shared = {t["precomputed_key"]: t["precomputed_macs"] for t in traces
+              if "precomputed_key" in t}
     if task.kind == EXTRACTIVE_QA:
         predictions, null_odds = decode_predictions(
             examples, [f["window"] for f in features], [lg[:, 0] for lg in logits], [lg[:, 1] for lg in logits],
@@ -113,5 +119,6 @@ def evaluate(method, model, task: Task, examples: list, features: list[dict], pa
         values, intervals = _score(task, preds, golds)
         rows = [{"id": ex.id, "prediction": p, "gold": ex.label, **t}
                 for ex, p, t in zip(examples, preds, traces, strict=True)]
-    return Evaluation(padding, values, intervals, rows, macs_sum, positions, seconds)
+    return Evaluation(padding, values, intervals, rows, macs_sum, positions, seconds,
+                      sum(shared.values()))
 

@@ -1,5 +1,11 @@
 """The protocol's measurements for one padding mode (DESIGN 3, 4): MACs against the baseline,
-the FLOPs-counter cross-check, A/B CPU timing, trace replay (oracle) and peak memory."""
+the FLOPs-counter cross-check, A/B CPU timing, trace replay (oracle) and peak memory.
+
+A method that reuses precomputed work (a cache, Trace.precomputed_macs) gets two costs: the
+online one (the cache assumed, what `flops_speedup` and `cpu_time_speedup` measure, timed with
+the cache warm from the evaluation) and the total one (`total_*`: each cached entry charged
+once, i.e. amortised over the examples sharing it; timed with the cache emptied before every
+pass over the timing sample, so each pass also builds the entries that sample reads)."""
 
 from __future__ import annotations
 
@@ -40,6 +46,11 @@ class ModeMeasurement:
     removal_efficiency: float | None
     gpu: dict | None                # {dtype: {batch size: speedup and medians}} when a GPU is there
     peak_rss_mb: float | None
+    # precomputed (cached) work, charged once per entry; absent from records written before
+    precomputed_macs_sum: int = 0
+    precomputed_size: dict | None = None       # the cache after the evaluation: entries, bytes
+    total_flops_speedup: float | None = None   # baseline MACs / (online + precomputed MACs)
+    total_cpu_time_speedup: float | None = None  # A/B, the cache emptied before each pass
 
 
 def timing_batches(features: list[dict], padding: str, budget: Budget, max_length: int
@@ -51,8 +62,12 @@ def timing_batches(features: list[dict], padding: str, budget: Budget, max_lengt
                        budget.time_batches))
 
 
-def forward_all(method, model: nn.Module, batches: list[dict]) -> Callable[[], None]:
+def forward_all(method, model: nn.Module, batches: list[dict], cold: bool = False
+                ) -> Callable[[], None]:
+    """One pass over the batches; `cold` empties the method's cache first (the total cost)."""
     def call() -> None:
+        if cold:
+            method.clear_precomputed()
         with torch.inference_mode():
             for batch in batches:
                 method.forward(model, batch)
@@ -81,9 +96,11 @@ def replay_all(model: nn.Module, method, batches: list[dict]) -> Callable[[], No
     def call() -> None:
         with torch.inference_mode():
             for start, counts in plans:
-                hidden = start
+                hidden, previous = start, start.shape[1]
                 for layer, (n, ffn) in zip(model.layers, counts, strict=False):
-                    hidden = hidden[:, :n]
+                    if n > previous:  # the schedule grows again (DeFormer's segments joined)
+                        hidden = torch.cat([hidden, start[:, hidden.shape[1]:n]], dim=1)
+                    hidden, previous = hidden[:, :n], n
                     if n == 0:  # every token was removed: nothing more runs
                         break
                     if ffn == n:
@@ -163,7 +180,9 @@ def measure_mode(method, model, baseline, base_model, features: list[dict], padd
                                             counter)
     mismatch = (counter == DEFAULT_COUNTER
                 and abs(counted - schedule) > MACS_TOLERANCE * max(schedule, 1))
-    gpu = None
+    gpu = total_time = None
+    precomputed = evaluation.precomputed_macs_sum
+    size = method.precomputed_size() if precomputed else None
     if base_model is None:
         stats = time_one(forward_all(method, model, batches), config)
         cpu, speedup, oracle, efficiency = {"method": asdict(stats)}, 1.0, None, None
@@ -176,6 +195,9 @@ def measure_mode(method, model, baseline, base_model, features: list[dict], padd
         cpu, speedup = ab.to_json(), ab.speedup
         oracle, efficiency = replay.speedup, ab.speedup / replay.speedup
         base_macs = base_evaluation.macs_sum
+        if precomputed:  # after the warm timings: this empties the cache
+            total_time = time_ab(forward_all(baseline, base_model, batches),
+                                 forward_all(method, model, batches, cold=True), config).speedup
         if torch.cuda.is_available():
             gpu = gpu_speedups(method, model, baseline, base_model, features, padding,
                                max_length, config)
@@ -188,4 +210,8 @@ def measure_mode(method, model, baseline, base_model, features: list[dict], padd
         flops_speedup=base_macs / evaluation.macs_sum, counter=counter, counted_macs=counted,
         schedule_macs=schedule, macs_mismatch=mismatch, time_unit=unit,
         time_examples=examples, cpu=cpu, cpu_time_speedup=speedup, oracle_speedup=oracle,
-        removal_efficiency=efficiency, gpu=gpu, peak_rss_mb=peak_rss_mb)
+        removal_efficiency=efficiency, gpu=gpu, peak_rss_mb=peak_rss_mb,
+        precomputed_macs_sum=precomputed, precomputed_size=size,
+        total_flops_speedup=(base_macs / (evaluation.macs_sum + precomputed)
+                             if precomputed else None),
+        total_cpu_time_speedup=total_time)

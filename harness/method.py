@@ -111,6 +111,14 @@ class Method:
     def forward(self, model: nn.Module, batch: dict) -> Output:
         return model(batch)
 
+    def clear_precomputed(self) -> None:
+        """Drop work cached across forwards (Trace.precomputed_macs), so that the next forwards
+        rebuild what they read: how the harness times the "total" cost. No cache: nothing."""
+
+    def precomputed_size(self) -> dict | None:
+        """The cache's size, {"entries": n, "bytes": b}, or None for a method without one."""
+        return None
+
     def losses(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Named losses the stages weight; the task loss is always `task`."""
         output = self.forward(model, batch)

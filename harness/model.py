@@ -21,6 +21,10 @@ class Trace:
     """Per example (rows) and layer (columns): query, key and FFN tokens and query-key pairs.
 
     `exit_layer` is the number of layers run; `extra_macs` counts heads and predictors.
+    Work a method precomputes once and reuses across examples (a cache, e.g. a passage encoded
+    once for all its questions) is not in the schedule: `precomputed_macs` is the full cost of
+    the cached work a row reads, and rows with equal `precomputed_key` share one copy of it, so
+    the harness charges it once per key (the "total" cost beside the online one).
     """
 
     query_tokens: torch.Tensor   # (B, L) int64
@@ -29,6 +33,8 @@ class Trace:
     pairs: torch.Tensor
     exit_layer: torch.Tensor     # (B,)
     extra_macs: torch.Tensor     # (B,)
+    precomputed_macs: torch.Tensor | None = None  # (B,) cached work read, not run online
+    precomputed_key: torch.Tensor | None = None   # (B,) int64: rows sharing that work
 
     @classmethod
     def dense(cls, batch_size: int, length: int, num_layers: int, extra_macs: torch.Tensor):

@@ -80,6 +80,8 @@ def records_frame(results: Path, latency_dir: Path | None = None):
                 "padding_inflation": inflation, "cpu_time_speedup": m.get("cpu_time_speedup"),
                 "gpu_time_speedup": gpu_speedup, "oracle_speedup": m.get("oracle_speedup"),
                 "removal_efficiency": m.get("removal_efficiency"),
+                "total_flops_speedup": m.get("total_flops_speedup"),
+                "total_cpu_time_speedup": m.get("total_cpu_time_speedup"),
                 "latency_floor_ms": _latency_floor(latency_dir, slug,
                                                    "1" if padding == "none" else "32"),
                 "peak_rss_mb": m.get("peak_rss_mb"), "cuda_peak_mb": cuda_peak,
