@@ -9,7 +9,10 @@ Writes results/bench.json and prints each figure with its target:
       truncating SQuAD-length inputs to half (target >= 0.95: truncation has no overhead);
   (e) removal efficiency of Transkimmer and Block-Skim on MiniLM at batch 1 and batch 32, with
       predictors set to drop part of the tokens (target >= 0.9, issue 5): what their predictors
-      and gathers cost beyond the computation they leave.
+      and gathers cost beyond the computation they leave;
+  (f) BlockBERT at long lengths (its headline, methods-spec 7.6): activation peak memory and
+      batch latency of dense attention (sdpa, eager) and of blockwise attention (n = 2, 3;
+      sdpa and matmul kernels) at 512 and 1024 tokens (`--only blockbert`, a few minutes).
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from skimbench.backbone import resolve_backbone
 from skimbench.features import collate, eval_batches
+from skimbench.flops import random_batch
 from skimbench.latency import latency_curve
 from skimbench.measure import forward_all, replay_all
 from skimbench.method import get_method
@@ -180,16 +187,112 @@ def skimming_efficiency(config: TimingConfig) -> dict:
     return results
 
 
+# (f) BlockBERT: dense vs blockwise attention at long lengths ---------------------------------
+
+LONG_LENGTHS = (512, 1024)
+LONG_BATCH = 2
+# name -> (blocks, kernel); blocks None: the dense encoder with that attention implementation
+LONG_VARIANTS = {"dense sdpa": (None, "sdpa"), "dense eager": (None, "eager"),
+                 "blockbert n=2 sdpa": (2, "sdpa"), "blockbert n=2 matmul": (2, "matmul"),
+                 "blockbert n=3 sdpa": (3, "sdpa"), "blockbert n=3 matmul": (3, "matmul")}
+
+
+def long_model(attn: str) -> TaskModel:
+    """MiniLM's shape (L 6, H 384, A 12) with 1024 position embeddings, random weights (time
+    and memory do not depend on them; MiniLM's trained table stops at 512), span head."""
+    from transformers import AutoModel
+
+    config = resolve_backbone("random:minilm").config()
+    config.max_position_embeddings = 1024
+    torch.manual_seed(0)
+    encoder = AutoModel.from_config(config, attn_implementation=attn)
+    return TaskModel(encoder, EXTRACTIVE_QA, 2).eval()
+
+
+def long_variant(name: str, length: int):
+    """(method, model) of one variant; n = 2 takes the paper's 9:3 split at 1024 tokens."""
+    blocks, kernel = LONG_VARIANTS[name]
+    if blocks is None:
+        return get_method("baseline")(get_method("baseline").Config()), long_model(kernel)
+    cls = get_method("blockbert")
+    heads = "9:3" if blocks == 2 and length >= 1024 else None
+    return cls(cls.Config(blocks=blocks, heads=heads, kernel=kernel)), long_model("sdpa")
+
+
+class PeakTensors(TorchDispatchMode):
+    """Peak bytes of the tensors ops return while the block runs (activations, the CPU
+    counterpart of torch.cuda.max_memory_allocated; weights and inputs made before it and the
+    kernels' internal scratch space are not counted). Deterministic, unlike the RSS of a
+    process whose allocator keeps freed memory."""
+
+    def __enter__(self) -> PeakTensors:
+        self.live, self.now, self.peak = {}, 0, 0
+        return super().__enter__()
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()  # one Python object while it lives
+                if id(storage) not in self.live:
+                    self.live[id(storage)] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, id(storage))
+        return out
+
+
+def blockbert_long_inputs(config: TimingConfig) -> dict:
+    """(f) BlockBERT's memory and time claim at 512 and 1024 tokens, batch LONG_BATCH, CPU:
+    peak activation memory of one forward, and each variant A/B-timed against dense sdpa
+    attention. The paper's figures (V100, FP16; pre-training memory and 8 x 1024 inference
+    time) are GPU numbers: this is the same comparison on this machine's CPU."""
+    results: dict = {"batch_size": LONG_BATCH, "threads": torch.get_num_threads(),
+                     "weights": "random, MiniLM shape, 1024 position embeddings",
+                     "memory": "peak MB of live activation tensors in one forward"}
+    for length in LONG_LENGTHS:
+        batch = random_batch(length, LONG_BATCH, EXTRACTIVE_QA, 30522)
+        dense_method, dense_model = long_variant("dense sdpa", length)
+        dense = forward_all(dense_method, dense_model, [batch])
+        rows: dict = {}
+        for name in LONG_VARIANTS:
+            method, model = long_variant(name, length)
+            with PeakTensors() as memory, torch.inference_mode():
+                trace = method.forward(model, batch).trace
+            row = rows[name] = {"peak_mb": memory.peak / 2**20,
+                                "macs": int(trace.macs(model.hidden_size, model.ffn_size).sum())}
+            if name == "dense sdpa":
+                row["time_speedup_vs_dense_sdpa"] = 1.0
+            else:
+                ab = time_ab(dense, forward_all(method, model, [batch]), config)
+                rows["dense sdpa"]["median_s"] = ab.baseline.median_s  # its latest
+                row.update(median_s=ab.method.median_s, time_speedup_vs_dense_sdpa=ab.speedup,
+                           load_flagged=ab.load_flagged)
+        for row in rows.values():
+            for dense_name in ("dense sdpa", "dense eager"):
+                key = f"memory_change_vs_{dense_name.replace(' ', '_')}"
+                row[key] = row["peak_mb"] / rows[dense_name]["peak_mb"] - 1
+        results[str(length)] = rows
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/bench.json"))
     parser.add_argument("--min-seconds", type=float, default=3.0)
-    parser.add_argument("--only", choices=("skimming",), default=None,
+    parser.add_argument("--only", choices=("skimming", "blockbert"), default=None,
                         help="run one benchmark and print it (nothing written)")
     args = parser.parse_args()
     config = TimingConfig(warmup=2, min_iters=10, min_seconds=args.min_seconds)
+    long_config = TimingConfig(warmup=1, min_iters=5, min_seconds=0.0)
     if args.only == "skimming":
         print(json.dumps(skimming_efficiency(config), indent=2))
+        return
+    if args.only == "blockbert":
+        print(json.dumps(blockbert_long_inputs(long_config), indent=2))
         return
     figures = {"threads": torch.get_num_threads()}
     figures["a_harness_overhead"] = harness_overhead(config)
@@ -197,6 +300,7 @@ def main() -> None:
     figures["c_repeatability"] = repeatability(config)
     figures["d_removal_efficiency"] = removal_efficiency(config)
     figures["e_skimming_removal_efficiency"] = skimming_efficiency(config)
+    figures["f_blockbert_long_inputs"] = blockbert_long_inputs(long_config)
     curve_config = TimingConfig(warmup=1, min_iters=3, min_seconds=0.5, max_seconds=20.0)
     figures["d_latency_curves"] = {
         "minilm": latency_curve("minilm", (8, 16, 24, 32, 64, 128, 256, 384, 512), (1, 32),
