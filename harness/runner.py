@@ -22,7 +22,7 @@ from skimbench import __version__
 from skimbench.backbone import Backbone, resolve_backbone
 from skimbench.data import FileLog, data_dir_from
 from skimbench.errors import UsageError
-from skimbench.evaluate import evaluate
+from skimbench.evaluate import Evaluation, evaluate
 from skimbench.features import encode, padding_modes
 from skimbench.flops import DEFAULT_COUNTER, check_counter
 from skimbench.hub import go_offline_if_unreachable
@@ -302,6 +302,33 @@ def run(spec: RunSpec, echo=print) -> Path:
     return run_dir
 
 
+# what an evaluation depends on besides the weights, the task and its data
+EVAL_BUDGET_KEYS = ("max_eval_examples", "max_length", "doc_stride", "max_query_length",
+                    "eval_batch_size")
+
+
+def recorded_evaluation(run_dir: Path, padding: str, budget: Budget, split: str,
+                        num_features: int) -> Evaluation | None:
+    """A finished run's own evaluation in one padding mode (metrics and MACs, read back from
+    record.json and predictions.jsonl), when it evaluated exactly this eval set: the baseline
+    is then not evaluated again in every method run. None when anything differs."""
+    run_dir = Path(run_dir)
+    try:
+        record = read_json(run_dir / "record.json")
+        config = read_json(run_dir / "config.json")
+        mode = record["padding"][padding]
+        if (record["split"] != split or record["num_eval_features"] != num_features
+                or any(config["budget"][key] != getattr(budget, key)
+                       for key in EVAL_BUDGET_KEYS)):
+            return None
+        with (run_dir / "predictions.jsonl").open(encoding="utf-8") as rows:
+            macs = sum(json.loads(line)["macs_by_padding"][padding] for line in rows)
+    except (OSError, ValueError, KeyError):
+        return None
+    return Evaluation(padding, mode["metrics"], mode["metric_ci"], [], macs,
+                      positions=0, seconds=0.0)
+
+
 def _select(r: ResolvedRun, model, candidates: list[Path], baseline, base_model,
             examples: list, features: list[dict], max_length: int, log) -> dict:
     """Keep the fastest epoch within tolerance on the held-out examples (skimbench.selection);
@@ -391,8 +418,9 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
         args = (task, eval_examples, eval_features, padding, budget.eval_batch_size, max_length)
         with PeakRSS() as memory:
             e = evaluations[padding] = evaluate(method, model, *args)
-        base = base_evaluations[padding] = (evaluate(baseline, base_model, *args)
-                                            if baseline is not None else None)
+        base = base_evaluations[padding] = None if baseline is None else (
+            recorded_evaluation(needs[BASELINE], padding, budget, data.split, len(eval_features))
+            or evaluate(baseline, base_model, *args))
         m = measured[padding] = measure_mode(method, model, baseline, base_model, eval_features,
                                              padding, budget, max_length, e, base,
                                              memory.peak_mb, r.spec.counter)

@@ -199,3 +199,52 @@ def test_prerequisites_share_the_data_overrides_but_not_the_recipe(tiny_data, tm
     config = read_json(baseline / "config.json")
     assert config["overrides"] == {"max_train_examples": "16"}
     assert config["budget"]["lr"] != 0.01 and config["budget"]["max_train_examples"] == 16
+
+
+def test_a_method_run_reads_the_baselines_own_evaluation_back(tiny_data, tmp_path):
+    """The baseline run's recorded metrics and MACs per mode equal evaluating it again (what
+    every method run did before); a different eval set is not read back."""
+    from dataclasses import replace
+
+    from skimbench.evaluate import evaluate
+    from skimbench.features import encode
+    from skimbench.method import Context, get_method, load_checkpoint
+    from skimbench.data import FileLog
+    from skimbench.runner import _subset, recorded_evaluation, resolve
+    from skimbench.tasks import load_task_data
+
+    run_dir = run(smoke(tiny_data, tmp_path), quiet)
+    resolved = resolve(smoke(tiny_data, tmp_path))
+    budget, task = resolved.budget, resolved.task
+    data = load_task_data(task, tiny_data, FileLog())
+    examples = _subset(data.eval, budget.max_eval_examples)
+    features = encode(task, examples, resolved.backbone.tokenizer(),
+                      max_length=budget.max_length)
+    method = get_method("baseline")(get_method("baseline").Config())
+    model = load_checkpoint(method.build(Context(resolved.backbone, task, budget, {})), run_dir)
+    for padding in ("sequence", "batch", "none"):
+        fresh = evaluate(method, model, task, examples, features, padding,
+                         budget.eval_batch_size, budget.max_length)
+        read = recorded_evaluation(run_dir, padding, budget, data.split, len(features))
+        assert read.metrics == fresh.metrics and read.macs_sum == fresh.macs_sum
+    assert recorded_evaluation(run_dir, "none", replace(budget, max_length=16), data.split,
+                               len(features)) is None
+    assert recorded_evaluation(run_dir, "none", budget, "another split", len(features)) is None
+
+
+def test_a_method_run_does_not_evaluate_the_baseline_again(tiny_data, tmp_path, monkeypatch):
+    import skimbench.runner as runner
+
+    baseline = run(smoke(tiny_data, tmp_path), quiet)
+    evaluated = []
+    real = runner.evaluate
+
+    def counting(method, *args):
+        evaluated.append(method.key)
+        return real(method, *args)
+
+    monkeypatch.setattr(runner, "evaluate", counting)
+    truncate = run(smoke(tiny_data, tmp_path, method="truncate"), quiet)
+    assert evaluated == ["truncate"] * 3
+    record, base_record = (read_json(d / "record.json") for d in (truncate, baseline))
+    assert record["baseline_metrics"] == base_record["metrics"]
