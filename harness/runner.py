@@ -323,10 +323,10 @@ def recorded_evaluation(run_dir: Path, padding: str, budget: Budget, split: str,
             return None
         with (run_dir / "predictions.jsonl").open(encoding="utf-8") as rows:
             macs = sum(json.loads(line)["macs_by_padding"][padding] for line in rows)
-    except (OSError, ValueError, KeyError):
+        return Evaluation(padding, mode["metrics"], mode["metric_ci"], [], macs,
+                          positions=0, seconds=0.0)
+    except (OSError, ValueError, KeyError):  # not finished, or written by an older version
         return None
-    return Evaluation(padding, mode["metrics"], mode["metric_ci"], [], macs,
-                      positions=0, seconds=0.0)
 
 
 def _select(r: ResolvedRun, model, candidates: list[Path], baseline, base_model,

@@ -230,6 +230,11 @@ def test_a_method_run_reads_the_baselines_own_evaluation_back(tiny_data, tmp_pat
     assert recorded_evaluation(run_dir, "none", replace(budget, max_length=16), data.split,
                                len(features)) is None
     assert recorded_evaluation(run_dir, "none", budget, "another split", len(features)) is None
+    # a record from before per-mode metrics were kept is evaluated again
+    record = read_json(run_dir / "record.json")
+    del record["padding"]["none"]["metrics"]
+    (run_dir / "record.json").write_text(json.dumps(record))
+    assert recorded_evaluation(run_dir, "none", budget, data.split, len(features)) is None
 
 
 def test_a_method_run_does_not_evaluate_the_baseline_again(tiny_data, tmp_path, monkeypatch):
