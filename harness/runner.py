@@ -272,8 +272,8 @@ def run(spec: RunSpec, echo=print) -> Path:
             echo(f"{run_dir}: already finished with this config, reusing it")
             return run_dir
         if differences:  # --overwrite: stale checkpoints must not be resumed
-            for stale in (run_dir / "checkpoint").glob("*.pt"):
-                stale.unlink()
+            for stale in [*(run_dir / "checkpoint").glob("*.pt"), run_dir / TRAINED]:
+                stale.unlink(missing_ok=True)
     wanted = set(resolved.method.needs)
     if resolved.method.key != BASELINE:
         wanted.add(BASELINE)  # every speedup is against the baseline, in the same mode
@@ -300,6 +300,11 @@ def run(spec: RunSpec, echo=print) -> Path:
         raise
     set_status(run_dir, "finished")
     return run_dir
+
+
+# the training summary beside the trained weights: a run that stops after training resumes
+# at evaluation
+TRAINED = "checkpoint/trained.json"
 
 
 # what an evaluation depends on besides the weights, the task and its data
@@ -386,7 +391,15 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
         base_model = load_checkpoint(baseline.build(ctx), needs[BASELINE]).eval()
     started = time.perf_counter()
     donor = trained_donor(run_dir, r.config(), method)
-    if donor is not None:
+    earlier = read_json(run_dir / TRAINED) if (run_dir / TRAINED).is_file() else None
+    if earlier is not None and checkpoint.is_file():
+        # an earlier attempt of this very run finished training and stopped later (in
+        # evaluation): its weights are kept, not trained again
+        load_checkpoint(model, run_dir).eval()
+        summaries = earlier["train"]
+        log(f"training skipped: {checkpoint} holds the weights an earlier attempt of this run "
+            "trained before it stopped")
+    elif donor is not None:
         load_checkpoint(model, donor).eval()
         summaries = [{"stage": "reused", "weights_from": str(donor)}]
         needs = {**needs, "trained_weights": donor}
@@ -408,8 +421,10 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
                 path.replace(checkpoint.parent / f"epoch-{k}.pt")
             last_stage["earlier_epochs"] = [f"checkpoint/epoch-{k}.pt"
                                                for k in range(1, len(epochs))]
-    train_seconds = time.perf_counter() - started
+    train_seconds = (earlier["train_seconds"] if earlier is not None and checkpoint.is_file()
+                     else time.perf_counter() - started)
     save_state(model, checkpoint)
+    write_json(run_dir / TRAINED, {"train": summaries, "train_seconds": train_seconds})
     for stage_file in checkpoint.parent.glob("stage-*.pt"):
         stage_file.unlink()
 

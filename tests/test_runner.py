@@ -206,10 +206,10 @@ def test_a_method_run_reads_the_baselines_own_evaluation_back(tiny_data, tmp_pat
     every method run did before); a different eval set is not read back."""
     from dataclasses import replace
 
+    from skimbench.data import FileLog
     from skimbench.evaluate import evaluate
     from skimbench.features import encode
     from skimbench.method import Context, get_method, load_checkpoint
-    from skimbench.data import FileLog
     from skimbench.runner import _subset, recorded_evaluation, resolve
     from skimbench.tasks import load_task_data
 
@@ -253,3 +253,28 @@ def test_a_method_run_does_not_evaluate_the_baseline_again(tiny_data, tmp_path, 
     assert evaluated == ["truncate"] * 3
     record, base_record = (read_json(d / "record.json") for d in (truncate, baseline))
     assert record["baseline_metrics"] == base_record["metrics"]
+
+
+def test_a_run_that_fails_after_training_resumes_at_evaluation(tiny_data, tmp_path,
+                                                                monkeypatch):
+    import skimbench.runner as runner
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("measurement broke")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "measure_mode", broken)
+        with pytest.raises(RuntimeError, match="measurement broke"):
+            run(smoke(tiny_data, tmp_path), quiet)
+    run_dir = tmp_path / "runs/sst2/baseline/smoke-random-tiny-s42"
+    assert status_of(run_dir) == "failed" and (run_dir / "checkpoint/trained.json").is_file()
+    weights = torch.load(run_dir / "checkpoint/model.pt")
+    lines = []
+    run(smoke(tiny_data, tmp_path), lines.append)
+    assert status_of(run_dir) == "finished"
+    assert any("earlier attempt of this run trained" in line for line in lines)
+    assert not any(line.startswith("stage ") for line in lines)  # nothing trained again
+    [stage] = read_json(run_dir / "record.json")["train"]
+    assert stage["stage"] == "finetune" and stage["steps"] == 4
+    again = torch.load(run_dir / "checkpoint/model.pt")
+    assert all(torch.equal(again[k], v) for k, v in weights.items())
