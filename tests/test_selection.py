@@ -105,7 +105,7 @@ def test_the_baseline_keeps_its_earlier_epochs(tiny_data, tmp_path):
     run_dir = run(RunSpec(method="baseline", task="sst2", profile="smoke", data_dir=tiny_data,
                           out=tmp_path, padding="none",
                           overrides={"epochs": "3", "max_steps": "none"}), lambda _: None)
-    kept = sorted(p.name for p in (run_dir / "checkpoint").iterdir())
+    kept = sorted(p.name for p in (run_dir / "checkpoint").glob("*.pt"))
     assert kept == ["epoch-1.pt", "epoch-2.pt", "model.pt"]
     [stage] = read_json(run_dir / "record.json")["train"]
     assert stage["earlier_epochs"] == ["checkpoint/epoch-1.pt", "checkpoint/epoch-2.pt"]
