@@ -43,6 +43,15 @@ class Trace:
         return cls(tokens, tokens.clone(), tokens.clone(), tokens * length,
                    torch.full((batch_size,), num_layers, dtype=torch.long), extra_macs)
 
+    @classmethod
+    def of_widths(cls, widths: list[int], batch_size: int, extra_macs: int):
+        """Layer l ran `widths[l]` slots for every row (removal aligned to the batch's
+        longest row), attention over all of them."""
+        counts = torch.tensor(widths).expand(batch_size, -1)
+        return cls(counts.clone(), counts.clone(), counts.clone(), counts * counts,
+                   torch.full((batch_size,), len(widths)),
+                   torch.full((batch_size,), extra_macs))
+
     def macs(self, hidden: int, ffn: int) -> torch.Tensor:
         """Per-example MACs from the schedule, DESIGN 4.1 (embeddings, norms, softmax excluded)."""
         q, k, f, p = self.query_tokens, self.key_tokens, self.ffn_tokens, self.pairs

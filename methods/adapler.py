@@ -399,10 +399,7 @@ class AdapLeR(Method):
                 kept.append(tokens.attend.sum(dim=1))
             tokens = replace(tokens, hidden=layer(tokens.hidden, tokens.mask()))
             widths.append(tokens.width)
-        counts = torch.tensor(widths).expand(batch_size, -1)
-        trace = Trace(counts.clone(), counts.clone(), counts.clone(), counts * counts,
-                      torch.full((batch_size,), len(widths)),
-                      torch.full((batch_size,), extra))
+        trace = Trace.of_widths(widths, batch_size, extra)
         return Output(model.logits(tokens.hidden), trace)
 
 

@@ -252,8 +252,5 @@ class BlockSkim(Method):
             if skim:
                 span = scatter_logits(span, tokens, padded["input_ids"].shape[1])
         batch_size = len(span)
-        counts = torch.tensor(widths).expand(batch_size, -1)
-        trace = Trace(counts.clone(), counts.clone(), counts.clone(), counts * counts,
-                      torch.full((batch_size,), len(widths)),
-                      torch.full((batch_size,), extra))
+        trace = Trace.of_widths(widths, batch_size, extra)
         return Output(span[:, :length], trace), block_logits

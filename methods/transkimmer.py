@@ -204,8 +204,5 @@ class Transkimmer(Method):
             logits = model.logits(buffer.result())
         else:
             logits = model.logits(tokens.hidden)
-        counts = torch.tensor(widths).expand(batch_size, -1)
-        trace = Trace(counts.clone(), counts.clone(), counts.clone(), counts * counts,
-                      torch.full((batch_size,), len(widths)),
-                      torch.full((batch_size,), extra))
+        trace = Trace.of_widths(widths, batch_size, extra)
         return Output(logits, trace)
