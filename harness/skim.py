@@ -81,6 +81,29 @@ class Tokens:
         return Tokens(self.hidden, self.positions, keep, self.attend & keep)
 
 
+class TokenScorer(nn.Module):
+    """Linear(H, 32) -> GELU -> Linear(32, 1), BERT's init: one logit per token (AdapLeR's
+    contribution predictors and TR-BERT's policies share this shape)."""
+
+    width = 32
+
+    def __init__(self, hidden: int, init_range: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, self.width), nn.GELU(),
+                                 nn.Linear(self.width, 1))
+        for linear in (self.net[0], self.net[2]):
+            linear.weight.data.normal_(0.0, init_range)
+            linear.bias.data.zero_()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden).squeeze(-1)
+
+    @classmethod
+    def macs(cls, hidden: int) -> int:
+        """MACs per scored token: the two Linear layers (32H + 32; 24,608 at H = 768)."""
+        return hidden * cls.width + cls.width
+
+
 class OutputBuffer:
     """Final states per input position: removed tokens keep the state they left with."""
 

@@ -74,7 +74,7 @@ from skimbench.features import collate
 from skimbench.method import CHECKPOINT, Context, Method, register
 from skimbench.model import Output, Trace, additive_mask, task_loss
 from skimbench.selection import SelectionSettings
-from skimbench.skim import Tokens, attention_layer
+from skimbench.skim import Tokens, TokenScorer, attention_layer
 from skimbench.tasks import CLASSIFICATION, Task
 
 # Table 4 of the paper: (gamma, phi) per data set; any other task takes SST-2's
@@ -83,7 +83,6 @@ PAPER_WEIGHTS = {"sst2": (5e-3, 5e-4), "imdb": (5e-3, 5e-4), "hatexplain": (5e-2
                  "agnews": (1e-1, 1e-1), "dbpedia": (1e-1, 1e-1)}
 DEFAULT_WEIGHTS = PAPER_WEIGHTS["sst2"]
 INITS = ("baseline", "pretrained")
-CP_HIDDEN = 32                 # the CP's inner width
 MASK_FLOOR = -10000.0          # soft mask values are clipped to [MASK_FLOOR, 0]
 FIRST_LAMBDA = 1000.0          # lambda of the very first training step
 ETA_RANGE = (0.01, 1.0)
@@ -127,26 +126,6 @@ class AdapLeRConfig(SelectionSettings):
             raise ValueError(f"beta must be in (0, 1), got {self.beta}")
         if self.eta_scale < 0:
             raise ValueError(f"eta_scale must be >= 0, got {self.eta_scale}")
-
-
-class ContributionPredictor(nn.Module):
-    """Linear(H, 32) -> GELU -> Linear(32, 1): one contribution logit per token."""
-
-    def __init__(self, hidden: int, init_range: float):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, CP_HIDDEN), nn.GELU(),
-                                 nn.Linear(CP_HIDDEN, 1))
-        for linear in (self.net[0], self.net[2]):
-            linear.weight.data.normal_(0.0, init_range)
-            linear.bias.data.zero_()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.net(hidden).squeeze(-1)
-
-
-def predictor_macs(hidden: int) -> int:
-    """MACs per scored token: the two Linear layers (32H + 32; 24,608 at H = 768)."""
-    return hidden * CP_HIDDEN + CP_HIDDEN
 
 
 class LengthReduction(nn.Module):
@@ -244,7 +223,7 @@ class AdapLeR(Method):
             model = super().build(ctx)
         config = model.encoder.config
         model.contribution_predictors = nn.ModuleList(
-            ContributionPredictor(config.hidden_size, config.initializer_range)
+            TokenScorer(config.hidden_size, config.initializer_range)
             for _ in model.layers)
         model.length_reduction = LengthReduction(len(model.layers), self.config.eta_init)
         return model
@@ -371,7 +350,7 @@ class AdapLeR(Method):
             length_loss = length_loss + (log_alive_len.exp() * real).sum(dim=1)
             alive_per_layer.append(alive)
         extra = torch.full((batch_size,), model.head_macs(length)
-                           + layers * length * predictor_macs(model.hidden_size))
+                           + layers * length * TokenScorer.macs(model.hidden_size))
         output = Output(model.logits(hidden), Trace.dense(batch_size, length, layers, extra))
         return SoftPass(output, saliency, length_loss.mean(), alive_per_layer)
 
@@ -384,7 +363,7 @@ class AdapLeR(Method):
         batch_size, length = batch["input_ids"].shape
         tokens = Tokens.start(hidden, batch["attention_mask"])
         eta = model.length_reduction.eta * self.config.eta_scale
-        per_token = predictor_macs(model.hidden_size)
+        per_token = TokenScorer.macs(model.hidden_size)
         widths, extra = [], model.head_macs(length)
         for index, (layer, predictor) in enumerate(
                 zip(model.layers, model.contribution_predictors, strict=True)):

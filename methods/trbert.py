@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 from skimbench.features import collate
 from skimbench.method import CHECKPOINT, Context, Method, MethodConfig, register
 from skimbench.model import Output, Trace, additive_mask
-from skimbench.skim import OutputBuffer, Tokens
+from skimbench.skim import OutputBuffer, Tokens, TokenScorer
 from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, Task
 
 # README "Harmonic Coefficient Lambda": alpha of (train_rl, train_both) per data set
@@ -69,7 +69,6 @@ README_ALPHAS = {"squad_v2": (5.0, 5.0), "squad": (5.0, 5.0), "yelp": (2.0, 0.5)
                  "20news": (1.0, 1.0), "imdb": (1.0, 1.0)}
 DEFAULT_ALPHAS = (1.0, 1.0)
 GUIDE_RATES = {CLASSIFICATION: 0.5, EXTRACTIVE_QA: 0.2}  # run_classification.py, run_squad.py
-POLICY_WIDTH = 32
 TEACHER_FILE = "trbert-teacher.pt"
 TEACHER_FORMAT = 1
 
@@ -101,26 +100,6 @@ class TRBertConfig(MethodConfig):
             raise ValueError(f"keep_threshold must be in [0, 1], got {self.keep_threshold}")
 
 
-class Policy(nn.Module):
-    """Linear(H, 32) -> GELU -> Linear(32, 1): one keep logit per token (BERT's init)."""
-
-    def __init__(self, hidden: int, init_range: float):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, POLICY_WIDTH), nn.GELU(),
-                                 nn.Linear(POLICY_WIDTH, 1))
-        for linear in (self.net[0], self.net[2]):
-            linear.weight.data.normal_(0.0, init_range)
-            linear.bias.data.zero_()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.net(hidden).squeeze(-1)
-
-
-def policy_macs(hidden: int) -> int:
-    """MACs per scored token: the two Linear layers (32H + 32)."""
-    return hidden * POLICY_WIDTH + POLICY_WIDTH
-
-
 def selection_points(layers: int) -> tuple[int, ...]:
     """The layers a selection comes before: 1 and L/2 (one point when they coincide)."""
     return tuple(sorted({p for p in (1, layers // 2) if 0 < p < layers}))
@@ -135,7 +114,7 @@ def add_policies(model: nn.Module) -> nn.Module:
     """One policy per selection point, as `model.policies`."""
     config = model.encoder.config
     model.policies = nn.ModuleList(
-        Policy(config.hidden_size, config.initializer_range)
+        TokenScorer(config.hidden_size, config.initializer_range)
         for _ in selection_points(len(model.layers)))
     return model
 
@@ -326,7 +305,7 @@ class TRBert(Method):
         for index, layer in enumerate(model.layers):
             if index in points:
                 point = points.index(index)
-                extra += tokens.width * policy_macs(model.hidden_size)
+                extra += tokens.width * TokenScorer.macs(model.hidden_size)
                 keep = decide(point, model.policies[point](tokens.hidden), tokens)
                 if buffer is not None:
                     buffer.write(tokens, ~keep)
