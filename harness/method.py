@@ -38,6 +38,21 @@ class MethodConfig:
     """Settings a method exposes to `--set`; subclasses add fields with the paper's defaults."""
 
 
+INITS = ("pretrained", "baseline")
+
+
+@dataclass
+class InitSettings(MethodConfig):
+    """Where a method that fine-tunes the whole backbone starts: the pre-trained backbone (the
+    papers) or the task's fine-tuned baseline (cheaper: the model only adapts to the method)."""
+
+    init: str = "pretrained"
+
+    def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+
 @dataclass
 class Context:
     """What the harness hands a method when it builds: backbone, task, budget, prerequisites."""
@@ -96,6 +111,12 @@ class Method:
     def baseline_model(self, ctx: Context) -> TaskModel:
         """The fine-tuned baseline of this task and backbone (for `needs = ("baseline",)`)."""
         return load_checkpoint(Method.build(self, ctx), ctx.needs["baseline"])
+
+    def initial_model(self, ctx: Context) -> TaskModel:
+        """The model training starts from, per the config's `init` (InitSettings)."""
+        if getattr(self.config, "init", "pretrained") == "baseline":
+            return self.baseline_model(ctx)
+        return Method.build(self, ctx)
 
     def prepare(self, model: nn.Module, ctx: Context, features: list[dict], log) -> None:
         """Work on the training features before the first stage (e.g. a teacher's saliency

@@ -54,7 +54,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from skimbench.errors import UsageError
-from skimbench.method import Context, Method, MethodConfig, register
+from skimbench.method import Context, InitSettings, Method, register
 from skimbench.model import Output, TaskModel, Trace, additive_mask, task_loss
 from skimbench.skim import REMOVED_LOGIT
 from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, REGRESSION, Task
@@ -63,16 +63,14 @@ from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, REGRESSION, Task
 PAIR_TASKS = frozenset({"mrpc", "stsb", "rte", "wnli", "qnli", "mnli", "qqp"})
 # the code's max_first_length per task (methods-spec 6.2); any other pair task keeps seg1 whole
 PAPER_FIRST_LENGTH = {"squad": 25, "squad_v2": 25, "mnli": 85, "qqp": 40}
-INITS = ("pretrained", "baseline")
 
 
 @dataclass
-class DeFormerConfig(MethodConfig):
+class DeFormerConfig(InitSettings):
     sep_layers: int | None = None       # k separate lower layers; None: 3/4 of the depth
     max_first_length: int | None = None  # seg1 tokens kept; None: the paper's per task, 0: all
     restart_positions: bool = True      # positions from 0 in each segment (cacheable)
     cache: bool = True                  # inference: reuse each passage's lower-layer states
-    init: str = "pretrained"            # pretrained (paper's ebert) | baseline (fine-tuned)
     distill: bool = False               # the paper's sbert: KD + upper-layer hidden MSE
     task_weight: float = 1.0            # gamma
     kd_weight: float = 1.0              # alpha
@@ -80,12 +78,11 @@ class DeFormerConfig(MethodConfig):
     temperature: float = 2.0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.sep_layers is not None and self.sep_layers < 0:
             raise ValueError(f"sep_layers must be >= 0, got {self.sep_layers}")
         if self.max_first_length is not None and self.max_first_length < 0:
             raise ValueError(f"max_first_length must be >= 0, got {self.max_first_length}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         for name in ("task_weight", "kd_weight", "hidden_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -174,8 +171,7 @@ class DeFormer(Method):
         return len(model.layers) * 3 // 4 if k is None else min(k, len(model.layers))
 
     def build(self, ctx: Context) -> nn.Module:
-        model = self.baseline_model(ctx) if self.config.init == "baseline" else \
-            super().build(ctx)
+        model = self.initial_model(ctx)
         if self.config.distill:
             self._teacher = self.baseline_model(ctx).eval()
             self._teacher.requires_grad_(False)

@@ -11,13 +11,16 @@ from test_simple_baselines import counted_equals_schedule, method, tiny
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from skimbench.backbone import resolve_backbone
 from skimbench.errors import UsageError
 from skimbench.features import collate
 from skimbench.flops import SDPA_CPU_FLOPS
 from skimbench.measure import _MethodForward
+from skimbench.method import CHECKPOINT, Context, Method
 from skimbench.methods.blockbert import block_layout, scale_split
+from skimbench.profiles import budget_for
 from skimbench.runner import RunSpec, resolve, run
-from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA
+from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, get_task
 
 LENGTHS = [4, 11, 23, 7]
 
@@ -210,6 +213,7 @@ def test_paper_head_splits_scale_to_the_backbone():
     (dict(blocks=4), "no head split for blocks=4"),
     (dict(partition="padded"), "partition must be one of real, tensor"),
     (dict(kernel="flash"), "kernel must be one of sdpa, matmul"),
+    (dict(init="bert"), "init must be one of pretrained, baseline"),
 ])
 def test_bad_settings_are_rejected(settings, match):
     with pytest.raises(ValueError, match=match):
@@ -231,6 +235,23 @@ def test_bad_settings_are_one_usage_error(overrides, match):
 def test_heads_mismatch_in_forward_is_a_value_error():
     with pytest.raises(ValueError, match="backbone has 2"):
         method("blockbert", heads="2:1").forward(tiny(), collate(features([5]), None))
+
+
+@pytest.mark.parametrize("init", ["pretrained", "baseline"])
+def test_init_starts_from_the_backbone_or_the_fine_tuned_baseline(tmp_path, init):
+    baseline = tiny()
+    with torch.no_grad():
+        baseline.head.weight.add_(1.0)  # "fine-tuned": differs from a fresh build
+    (tmp_path / "checkpoint").mkdir()
+    torch.save(baseline.state_dict(), tmp_path / CHECKPOINT)
+    ctx = Context(resolve_backbone("random:tiny"), get_task("sst2"), budget_for("smoke",
+                  get_task("sst2")), {"baseline": tmp_path})
+    built = method("blockbert", init=init).build(ctx).state_dict()
+    fresh = Method.build(method("blockbert"), ctx).state_dict()
+    expected = baseline.state_dict() if init == "baseline" else fresh
+    assert built.keys() == expected.keys()
+    assert all(torch.equal(built[k], expected[k]) for k in built)
+    assert init == "pretrained" or not torch.equal(built["head.weight"], fresh["head.weight"])
 
 
 # -- end to end -----------------------------------------------------------------------------
