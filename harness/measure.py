@@ -80,7 +80,8 @@ def replay_all(model: nn.Module, method, batches: list[dict]) -> Callable[[], No
 
     No predictor, no gather, no mask: per batch, layer l's attention gets the largest
     query-token count the method had in that layer and its FFN the largest FFN-token count
-    (fewer where a method removes tokens in between); layers past the latest exit are not run.
+    (fewer where a method removes tokens in between), on as many rows as ran that layer (rows
+    that exited early leave the batch); layers past the latest exit are not run.
     """
     hidden_size = model.hidden_size
     plans = []
@@ -90,17 +91,19 @@ def replay_all(model: nn.Module, method, batches: list[dict]) -> Callable[[], No
             exit_layer = int(trace.exit_layer.max())
             lengths = trace.query_tokens[:, :exit_layer].max(dim=0).values.tolist()
             ffn_lengths = trace.ffn_tokens[:, :exit_layer].max(dim=0).values.tolist()
+            rows = (trace.query_tokens[:, :exit_layer] > 0).sum(dim=0).tolist()
             start = torch.randn(len(batch["input_ids"]), max(lengths, default=1), hidden_size)
-            plans.append((start, list(zip(lengths, ffn_lengths, strict=True))))
+            plans.append((start, list(zip(rows, lengths, ffn_lengths, strict=True))))
 
     def call() -> None:
         with torch.inference_mode():
             for start, counts in plans:
                 hidden, previous = start, start.shape[1]
-                for layer, (n, ffn) in zip(model.layers, counts, strict=False):
+                for layer, (rows, n, ffn) in zip(model.layers, counts, strict=False):
                     if n > previous:  # the schedule grows again (DeFormer's segments joined)
-                        hidden = torch.cat([hidden, start[:, hidden.shape[1]:n]], dim=1)
-                    hidden, previous = hidden[:, :n], n
+                        hidden = torch.cat([hidden, start[:len(hidden), hidden.shape[1]:n]],
+                                           dim=1)
+                    hidden, previous = hidden[:rows, :n], n
                     if n == 0:  # every token was removed: nothing more runs
                         break
                     if ffn == n:
