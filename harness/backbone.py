@@ -37,6 +37,55 @@ def backbone_slug(name: str) -> str:
     return name.replace(RANDOM_PREFIX, "random-").replace("/", "--").strip(".-")
 
 
+DISTILBERT = "distilbert"
+# DistilBertModel's per-layer module names -> BertModel's (transformer.layer.i -> encoder.layer.i)
+DISTILBERT_LAYER_NAMES = {
+    "attention.q_lin": "attention.self.query", "attention.k_lin": "attention.self.key",
+    "attention.v_lin": "attention.self.value", "attention.out_lin": "attention.output.dense",
+    "sa_layer_norm": "attention.output.LayerNorm", "ffn.lin1": "intermediate.dense",
+    "ffn.lin2": "output.dense", "output_layer_norm": "output.LayerNorm",
+}
+
+
+def bert_config_from_distilbert(config):
+    """The BERT config of a DistilBERT config's shape; two token types, so pair inputs run
+    (their embeddings are zero after `bert_from_distilbert`)."""
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads, intermediate_size=config.hidden_dim,
+        hidden_act=config.activation, hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.attention_dropout,
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range, pad_token_id=config.pad_token_id,
+        layer_norm_eps=1e-12, type_vocab_size=2)
+
+
+def bert_from_distilbert(model, attn_implementation: str = "sdpa"):
+    """A DistilBertModel as the BertModel the harness runs (embeddings + encoder.layer, pooler):
+    the same weights under BERT's names, so it computes the same hidden states. DistilBERT has
+    no token types and no pooler: the token-type embeddings are zero (pair tasks still run) and
+    the pooler keeps its fresh initialisation."""
+    import torch
+    from transformers import AutoModel
+
+    bert = AutoModel.from_config(bert_config_from_distilbert(model.config),
+                                 attn_implementation=attn_implementation)
+    state = {name: tensor for name, tensor in bert.state_dict().items()
+             if name.startswith("pooler.")}
+    state["embeddings.token_type_embeddings.weight"] = torch.zeros_like(
+        bert.embeddings.token_type_embeddings.weight)
+    for name, tensor in model.state_dict().items():
+        if name.startswith("transformer.layer."):
+            index, rest = name.removeprefix("transformer.layer.").split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            name = f"encoder.layer.{index}.{DISTILBERT_LAYER_NAMES[module]}.{kind}"
+        state[name] = tensor
+    bert.load_state_dict(state)  # strict: every BERT weight is accounted for
+    return bert
+
+
 @dataclass
 class Backbone:
     """A resolved backbone: where its config, weights and tokenizer come from."""
@@ -53,7 +102,9 @@ class Backbone:
         from transformers import AutoConfig
 
         if self.random_config is None:
-            return self._load(AutoConfig.from_pretrained, self.source)
+            config = self._load(AutoConfig.from_pretrained, self.source)
+            return bert_config_from_distilbert(config) if config.model_type == DISTILBERT \
+                else config
         base = self._load(AutoConfig.from_pretrained, str(minilm_dir()))
         for key, value in RANDOM_CONFIGS[self.random_config].items():
             setattr(base, key, value)
@@ -75,6 +126,8 @@ class Backbone:
         if self.random_config is None:
             model = self._load(AutoModel.from_pretrained, self.source,
                                attn_implementation=attn_implementation)
+            if model.config.model_type == DISTILBERT:
+                model = bert_from_distilbert(model, attn_implementation)
         else:
             model = AutoModel.from_config(self.config(), attn_implementation=attn_implementation)
         if not (hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None),

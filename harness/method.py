@@ -118,6 +118,11 @@ class Method:
             return self.baseline_model(ctx)
         return Method.build(self, ctx)
 
+    def record_notes(self) -> list[str]:
+        """Caveats every record of this run carries, e.g. a stage of the paper that was not
+        run; none by default."""
+        return []
+
     def prepare(self, model: nn.Module, ctx: Context, features: list[dict], log) -> None:
         """Work on the training features before the first stage (e.g. a teacher's saliency
         maps); skipped when the trained weights are reused."""

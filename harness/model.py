@@ -15,6 +15,8 @@ from torch.nn import functional as F
 
 from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, REGRESSION
 
+REMOVED_LOGIT = -1e4  # span logit of a removed position: no answer is decoded there
+
 
 @dataclass
 class Trace:
@@ -139,3 +141,22 @@ def task_loss(kind: str, logits: torch.Tensor, batch: dict) -> torch.Tensor:
     start = batch["start_positions"].clamp(0, length - 1)
     end = batch["end_positions"].clamp(0, length - 1)
     return (F.cross_entropy(logits[..., 0], start) + F.cross_entropy(logits[..., 1], end)) / 2
+
+
+def distillation_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, batch: dict,
+                      temperature: float) -> torch.Tensor:
+    """Knowledge distillation towards a teacher's logits: `T^2 KL(teacher || student)` at
+    temperature T, summed over the classes and averaged over the batch (for QA over the
+    positions the student scores, pads and removed positions left out, start and end averaged);
+    MSE of the predictions for regression."""
+    if kind == REGRESSION:
+        return F.mse_loss(student, teacher)
+    if kind == EXTRACTIVE_QA:
+        scored = (student > REMOVED_LOGIT) & batch["attention_mask"][..., None].bool()
+        teacher = teacher.masked_fill(~scored, REMOVED_LOGIT)
+        student = student.masked_fill(~scored, REMOVED_LOGIT)
+        student, teacher = student.transpose(1, 2), teacher.transpose(1, 2)
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                  log_target=True, reduction="none").sum(-1)
+    return t * t * kl.mean()

@@ -69,6 +69,7 @@ class RunRecord:
     train_seconds: float
     tokenize_seconds: float                         # eval set, reported apart from model time
     needs: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # the method's caveats (Method.record_notes)
     status: str = "finished"
     schema: int = RECORD_SCHEMA
 

@@ -459,7 +459,8 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
                         "metric_ci": evaluations[mode].metric_ci}
                  for mode, m in measured.items()},
         executed=method.executed, train=summaries, train_seconds=train_seconds,
-        tokenize_seconds=tokenize_seconds, needs={k: str(v) for k, v in needs.items()})
+        tokenize_seconds=tokenize_seconds, needs={k: str(v) for k, v in needs.items()},
+        notes=method.record_notes())
     lines = []
     for index, row in enumerate(first.predictions):
         row = dict(row, macs_by_padding={m: e.predictions[index]["macs"]

@@ -18,9 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from skimbench.model import Output, Trace, additive_mask
-
-REMOVED_LOGIT = -1e4  # span logit of a removed position: no answer is decoded there
+from skimbench.model import REMOVED_LOGIT, Output, Trace, additive_mask
 
 
 @dataclass

@@ -55,7 +55,14 @@ from torch.nn import functional as F
 
 from skimbench.errors import UsageError
 from skimbench.method import Context, InitSettings, Method, register
-from skimbench.model import Output, TaskModel, Trace, additive_mask, task_loss
+from skimbench.model import (
+    Output,
+    TaskModel,
+    Trace,
+    additive_mask,
+    distillation_loss,
+    task_loss,
+)
 from skimbench.skim import REMOVED_LOGIT
 from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, REGRESSION, Task
 
@@ -315,23 +322,10 @@ class DeFormer(Method):
                                "loads it from the baseline run")
         with torch.no_grad():
             taught, states = teacher_forward(self._teacher, batch)
-        losses["kd"] = self._kd(model.kind, output.logits, taught, batch)
+        losses["kd"] = distillation_loss(model.kind, output.logits, taught, batch,
+                                         self.config.temperature)
         losses["hidden"] = hidden_mse(upper, states[k:], source, batch["attention_mask"])
         return losses
-
-    def _kd(self, kind: str, student: torch.Tensor, teacher: torch.Tensor, batch: dict
-            ) -> torch.Tensor:
-        if kind == REGRESSION:
-            return F.mse_loss(student, teacher)
-        t = self.config.temperature
-        if kind == EXTRACTIVE_QA:  # over the positions the student scores, start and end
-            scored = (student > REMOVED_LOGIT) & batch["attention_mask"][..., None].bool()
-            teacher = teacher.masked_fill(~scored, REMOVED_LOGIT)
-            student = student.masked_fill(~scored, REMOVED_LOGIT)
-            student, teacher = student.transpose(1, 2), teacher.transpose(1, 2)
-        kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
-                      log_target=True, reduction="none").sum(-1)
-        return t * t * kl.mean()
 
 
 def dense_layer_macs(n: int, hidden: int, ffn: int) -> int:
