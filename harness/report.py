@@ -87,6 +87,7 @@ def records_frame(results: Path, latency_dir: Path | None = None):
                 "peak_rss_mb": m.get("peak_rss_mb"), "cuda_peak_mb": cuda_peak,
                 "executed": record["executed"], "macs_mismatch": m.get("macs_mismatch", False),
                 "load_flagged": bool((m.get("cpu") or {}).get("load_flagged", False)),
+                "notes": "; ".join(record.get("notes", [])),
             })
     if not rows:
         raise UsageError(f"no finished run records under {results}: run `skimbench run` first "

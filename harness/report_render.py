@@ -37,6 +37,7 @@ FRAME_COLUMNS = (
     "executed", "macs_mismatch", "load_flagged",
     # precomputed (cached) work charged once per entry; NaN for methods without a cache
     "total_flops_speedup", "total_cpu_time_speedup",
+    "notes",  # the method's caveats for the run (Method.record_notes), "; "-joined
 )
 PADDING_MODES = ("none", "batch", "sequence")
 RUN_KEY = ("label", "backbone", "profile")
@@ -231,6 +232,7 @@ _NUMERIC_COLUMNS = (
     "removal_efficiency_none", "removal_efficiency_batch", "peak_rss_mb", "cuda_peak_mb",
     "executed", "macs_mismatch",
     "load_flagged", "markers", "total_flops_speedup_none", "total_cpu_time_speedup_none",
+    "notes",
 )
 
 
@@ -279,6 +281,7 @@ def _numeric_table(frame_task: pd.DataFrame) -> pd.DataFrame:
             "markers": _markers(flags),
             "total_flops_speedup_none": mode("none", "total_flops_speedup"),
             "total_cpu_time_speedup_none": mode("none", "total_cpu_time_speedup"),
+            "notes": _text(first("notes")) if "notes" in rows else "",
         })
     records.sort(key=lambda r: (not _is_baseline(r["method"]), _natural(r["run"]),
                                 r["backbone"], r["profile"]))
@@ -525,6 +528,11 @@ def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame,
         "removal efficiency = CPU speedup / oracle speedup (DESIGN 4.4).",
         f"- `{MISSING}` = not measured.",
     ]
+    noted = [(run, note) for run, note in zip(numeric["run"], numeric["notes"], strict=True)
+             if note]
+    if noted:
+        lines.append("- Run caveats (recorded by the method): " + "; ".join(
+            f"`{run}`: {note}" for run, note in noted) + ".")
     floors = _latency_floors(frame_task)
     if floors:
         lines.append("- Fitted latency floor t0 of the backbone (time that no token removal "

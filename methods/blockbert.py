@@ -190,6 +190,11 @@ class BlockBert(Method):
     def build(self, ctx: Context):
         return self.initial_model(ctx)
 
+    def record_notes(self) -> list[str]:
+        start = ("the task's fine-tuned dense baseline" if self.config.init == "baseline"
+                 else "the pre-trained dense backbone")
+        return [f"pre-training not reproduced: {start} fine-tuned with block attention"]
+
     def forward(self, model, batch: dict) -> Output:
         """Embed, lay the positions out in blocks, run every layer blockwise, restore the input
         order for the head."""

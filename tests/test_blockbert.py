@@ -265,6 +265,8 @@ def test_runs_end_to_end(tiny_data, tmp_path, task):
     run_dir = run(spec, lambda _line: None)
     record = read_json(run_dir / "record.json")
     assert record["status"] == "finished" and record["executed"]
+    assert record["notes"] == ["pre-training not reproduced: the pre-trained dense backbone "
+                               "fine-tuned with block attention"]
     assert set(record["padding"]) == {"sequence", "batch", "none"}
     for mode in record["padding"].values():
         assert not mode["macs_mismatch"] and mode["flops_speedup"] > 0

@@ -41,6 +41,7 @@ def make_frame(flag: str | None = "truncate k=16", modes=("sequence", "batch", "
                 "peak_rss_mb": 812.0, "cuda_peak_mb": None, "executed": True,
                 "macs_mismatch": False,
                 "load_flagged": label == flag and mode == "batch",
+                "notes": "fewer layers than the paper" if method == "layerdrop" else "",
             })
     return pd.DataFrame(rows, columns=list(rr.FRAME_COLUMNS))
 
@@ -96,6 +97,13 @@ def test_table_baseline_first_sorted_and_formatted():
     assert numeric["executed"].tolist() == [True] * 4
     renamed = make_frame(flag=None).replace({"label": {"truncate k=16": "truncate k=8"}})
     assert list(rr.task_table(renamed)["run"])[2:] == ["truncate k=8", "truncate k=32"]
+
+
+def test_run_caveats_are_listed_under_the_table(tmp_path):
+    [markdown] = [p for p in rr.write_task_tables(make_frame(), tmp_path) if p.suffix == ".md"]
+    caveats = [line for line in markdown.read_text().splitlines() if "Run caveats" in line]
+    assert caveats == ["- Run caveats (recorded by the method): `layerdrop keep_4`: fewer "
+                       "layers than the paper."]
 
 
 def test_ci_formatting():
