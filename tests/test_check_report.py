@@ -123,3 +123,16 @@ def test_report_index_links_resolve_with_a_relative_out_dir(smoke_runs, tmp_path
     assert invoke("report", "--results", str(out), "--out", "reports").exit_code == 0
     links = re.findall(r"\]\(<?([^)>]+)>?\)", (tmp_path / "reports/README.md").read_text())
     assert links and all((tmp_path / "reports" / link).is_file() for link in links), links
+
+
+@pytest.mark.parametrize("method,settings,label", [
+    ("truncate", {"keep_tokens": 16}, "truncate keep_tokens=16"),
+    # the method's own first setting leads, not one inherited from shared settings
+    ("blockbert", {"init": "pretrained", "blocks": 2, "heads": None}, "blockbert blocks=2"),
+    ("blockbert", {"init": "baseline", "blocks": 3, "heads": None},
+     "blockbert blocks=3 init=baseline"),
+])
+def test_run_label_names_the_main_knob_and_settings_off_default(method, settings, label):
+    from skimbench.report import run_label
+
+    assert run_label({"method": method, "method_config": settings}) == label
