@@ -35,6 +35,10 @@ Where this file departs from the official code (methods-spec 12.4-12.7):
   for large logits);
 - with S <= 0 no example can exit (an entropy is never negative), so no off-ramp runs: the
   model is the baseline at the baseline's cost (the code still evaluates every highway);
+- `offramp_input=mean` feeds each off-ramp the mean of the real tokens' states instead of
+  [CLS]'s (not in the paper): a backbone trained for mean pooling, like all-MiniLM-L6-v2, keeps
+  an almost input-independent [CLS] state in its lower layers, where [CLS] off-ramps can learn
+  nothing (the mean's additions are not MACs and are not counted);
 - `offramp_pooler=baseline` copies the fine-tuned pooler instead of the pre-trained one (the
   default, `pretrained`, is the code's);
 - stage 2 runs the encoder only up to layer L-1 (the final classifier's loss is not used), and
@@ -58,6 +62,7 @@ from skimbench.model import Output, Trace, additive_mask
 from skimbench.tasks import CLASSIFICATION
 
 OFFRAMP_POOLERS = ("pretrained", "baseline")
+OFFRAMP_INPUTS = ("cls", "mean")
 
 
 @dataclass
@@ -67,6 +72,7 @@ class DeeBertConfig(MethodConfig):
     # an issue's MRPC replication it kept the full model's F1 (methods-spec 12.5, unverified)
     entropy: float = 0.1
     offramp_pooler: str = "pretrained"  # the pooler the off-ramps start from (pretrained: code)
+    offramp_input: str = "cls"          # what an off-ramp reads: [CLS] (paper) | mean of tokens
 
     def __post_init__(self):
         if not math.isfinite(self.entropy):
@@ -75,6 +81,9 @@ class DeeBertConfig(MethodConfig):
         if self.offramp_pooler not in OFFRAMP_POOLERS:
             raise ValueError(f"offramp_pooler must be one of {', '.join(OFFRAMP_POOLERS)}, got "
                              f"{self.offramp_pooler!r}")
+        if self.offramp_input not in OFFRAMP_INPUTS:
+            raise ValueError(f"offramp_input must be one of {', '.join(OFFRAMP_INPUTS)}, got "
+                             f"{self.offramp_input!r}")
 
 
 class OffRamp(nn.Module):
@@ -151,17 +160,27 @@ class DeeBert(Method):
         layer but the last."""
         hidden = model.embed(batch)
         mask = additive_mask(batch["attention_mask"], hidden.dtype)
+        real = batch["attention_mask"]
         total = hidden.new_zeros(())
         for layer, ramp in zip(model.layers, model.offramps, strict=False):
             hidden = layer(hidden, mask)
-            total = total + F.cross_entropy(ramp(hidden[:, 0]), batch["labels"])
+            total = total + F.cross_entropy(ramp(self._ramp_input(hidden, real)),
+                                            batch["labels"])
         return {"offramps": total}
+
+    def _ramp_input(self, hidden: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """What an off-ramp reads: the [CLS] state, or the mean over the row's real tokens."""
+        if self.config.offramp_input == "cls":
+            return hidden[:, 0]
+        weights = real.to(hidden.dtype)[..., None]
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
 
     def forward(self, model, batch: dict) -> Output:
         """Batched early exit: rows leave at their first confident off-ramp, and later layers
         run on the rows still in the batch only."""
         hidden = model.embed(batch)
         mask = additive_mask(batch["attention_mask"], hidden.dtype)
+        real = batch["attention_mask"]
         batch_size, length = batch["input_ids"].shape
         num_layers = len(model.layers)
         exits = self.config.entropy > 0  # an entropy is never negative: S <= 0 never exits
@@ -172,7 +191,7 @@ class DeeBert(Method):
             hidden = layer(hidden, mask)
             if index == num_layers - 1 or not exits:
                 continue
-            ramp_logits = model.offramps[index](hidden[:, 0])
+            ramp_logits = model.offramps[index](self._ramp_input(hidden, real))
             leaving = entropy(ramp_logits) < self.config.entropy
             if not bool(leaving.any()):
                 continue
@@ -184,6 +203,7 @@ class DeeBert(Method):
                 break
             hidden = hidden.index_select(0, staying)
             mask = None if mask is None else mask.index_select(0, staying)
+            real = real.index_select(0, staying)
         if len(running):
             logits[running] = model.logits(hidden)
         return Output(logits, self._trace(model, exit_layer.cpu(), length, exits))

@@ -138,6 +138,26 @@ def test_mixed_exits_are_counted_as_they_ran(pad_to):
     counted_equals_schedule(m, model, batch)
 
 
+@pytest.mark.parametrize("pad_to", [None, 40])
+def test_mean_input_offramps_ignore_padding_and_count_as_they_ran(pad_to):
+    """offramp_input=mean: an off-ramp reads the mean of the row's real tokens, so padding
+    changes nothing; rows still exit batched as alone, and the counter agrees."""
+    model = spread()
+    features = rows()
+    m = method("deebert", entropy=0.5, offramp_input="mean")
+    with torch.inference_mode():
+        batched = m.forward(model, collate(features, pad_to))
+        alone = [m.forward(model, collate([f], None)) for f in features]
+        hidden = model.layers[0](model.embed(collate(features[:1], None)), None)
+    assert batched.trace.exit_layer.tolist() == [int(a.trace.exit_layer) for a in alone]
+    assert set(batched.trace.exit_layer.tolist()) == {1, 4}
+    torch.testing.assert_close(batched.logits, torch.cat([a.logits for a in alone]),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m._ramp_input(hidden, torch.ones(1, LENGTHS[0])),
+                               hidden.mean(dim=1))
+    counted_equals_schedule(m, model, collate(features, pad_to))
+
+
 def test_exited_rows_leave_the_batch_and_the_oracle_replays_that():
     model, m = spread(), method("deebert", entropy=MIXED)
     batch = collate(rows(), None)
