@@ -1,6 +1,13 @@
-"""Integration: the `ci` profile on real data with the packaged MiniLM (minutes each)."""
+"""Integration: the `ci` profile on real data with the packaged MiniLM (minutes each).
+
+With SKIMBENCH_INTEGRATION_RESULTS set (CI does), the runs go to that folder, where the
+regression check that follows finds these `ci` baselines finished and reuses them instead of
+training them a second time."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
@@ -14,16 +21,22 @@ SST2_CI_ACCURACY_FLOOR = 80.0
 SQUAD_CI_F1_FLOOR = 9.0
 
 
-def test_ci_baseline_on_real_sst2(shared_data, tmp_path):
+@pytest.fixture
+def out(tmp_path) -> Path:
+    shared = os.environ.get("SKIMBENCH_INTEGRATION_RESULTS")
+    return Path(shared) if shared else tmp_path
+
+
+def test_ci_baseline_on_real_sst2(shared_data, out):
     record = read_json(run(RunSpec("baseline", "sst2", profile="ci", data_dir=shared_data,
-                                   out=tmp_path), print) / "record.json")
+                                   out=out), print) / "record.json")
     assert record["num_eval_examples"] == 872 and record["backbone"] == "minilm"
     assert record["metrics"]["accuracy"] >= SST2_CI_ACCURACY_FLOOR
 
 
-def test_ci_qa_pipeline_on_real_squad(shared_data, tmp_path):
+def test_ci_qa_pipeline_on_real_squad(shared_data, out):
     run_dir = run(RunSpec("baseline", "squad", profile="ci", data_dir=shared_data,
-                          out=tmp_path), print)
+                          out=out), print)
     record = read_json(run_dir / "record.json")
     assert record["split"].startswith("offline: squad_v1.1/dev-v1.1.json articles 1-38")
     assert record["num_eval_features"] >= record["num_eval_examples"] == 300
