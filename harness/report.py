@@ -26,10 +26,9 @@ def run_label(config: dict) -> str:
     settings = config.get("method_config", {})
     cls = methods().get(config["method"])
     defaults = {f.name: f.default for f in fields(cls.Config)} if cls else {}
-    # the main knob is the method's own first setting, not one inherited from shared settings
-    # (InitSettings, SelectionSettings), which dataclasses put first
-    own = [k for k in getattr(cls.Config, "__annotations__", {}) if k in settings] if cls else []
-    main = own[0] if own else next(iter(settings), None)
+    # the main knob is the first setting, except InitSettings' `init` (which dataclasses put
+    # first): where training starts is not what a method's curve varies
+    main = next((k for k in settings if k != "init"), None)
     shown = [f"{k}={v}" for k, v in settings.items() if k != main and defaults.get(k) != v]
     return " ".join([config["method"], *([f"{main}={settings[main]}"] if main else []), *shown])
 

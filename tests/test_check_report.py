@@ -127,7 +127,7 @@ def test_report_index_links_resolve_with_a_relative_out_dir(smoke_runs, tmp_path
 
 @pytest.mark.parametrize("method,settings,label", [
     ("truncate", {"keep_tokens": 16}, "truncate keep_tokens=16"),
-    # the method's own first setting leads, not one inherited from shared settings
+    # the first setting leads, except `init` (InitSettings, first in every such config)
     ("blockbert", {"init": "pretrained", "blocks": 2, "heads": None}, "blockbert blocks=2"),
     ("blockbert", {"init": "baseline", "blocks": 3, "heads": None},
      "blockbert blocks=3 init=baseline"),
