@@ -17,7 +17,13 @@ from skimbench.features import collate
 from skimbench.flops import SDPA_CPU_FLOPS
 from skimbench.measure import _MethodForward
 from skimbench.method import CHECKPOINT, Context, Method
-from skimbench.methods.blockbert import block_layout, scale_split
+from skimbench.methods.blockbert import (
+    FIRST_WORD_ID,
+    MASK_TOKEN_ID,
+    block_layout,
+    mask_tokens,
+    scale_split,
+)
 from skimbench.profiles import budget_for
 from skimbench.runner import RunSpec, resolve, run
 from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, get_task
@@ -214,6 +220,7 @@ def test_paper_head_splits_scale_to_the_backbone():
     (dict(partition="padded"), "partition must be one of real, tensor"),
     (dict(kernel="flash"), "kernel must be one of sdpa, matmul"),
     (dict(init="bert"), "init must be one of pretrained, baseline"),
+    (dict(mlm_epochs=-1), "mlm_epochs must be >= 0"),
 ])
 def test_bad_settings_are_rejected(settings, match):
     with pytest.raises(ValueError, match=match):
@@ -254,7 +261,43 @@ def test_init_starts_from_the_backbone_or_the_fine_tuned_baseline(tmp_path, init
     assert init == "pretrained" or not torch.equal(built["head.weight"], fresh["head.weight"])
 
 
-# -- end to end -----------------------------------------------------------------------------
+def test_mlm_masking_follows_bert_on_word_tokens_only():
+    torch.manual_seed(0)
+    batch = collate(features([40] * 64 + [7]), None)
+    inputs, labels = mask_tokens(batch, 30522, MASK_TOKEN_ID)
+    chosen = labels >= 0
+    words = batch["attention_mask"].bool() & (batch["input_ids"] >= FIRST_WORD_ID)
+    assert bool((chosen <= words).all())  # never [CLS], [SEP] or a pad
+    assert torch.equal(labels[chosen], batch["input_ids"][chosen])
+    assert torch.equal(inputs[~chosen], batch["input_ids"][~chosen])
+    assert 0.12 < chosen.sum() / words.sum() < 0.18
+    assert 0.75 < (inputs[chosen] == MASK_TOKEN_ID).float().mean() < 0.85
+    one = collate(features([3]), None)  # one word token: still one prediction
+    assert int((mask_tokens(one, 30522, MASK_TOKEN_ID)[1] >= 0).sum()) == 1
+
+
+def test_mlm_stage_trains_the_encoder_on_block_attention_not_the_task_head(tmp_path):
+    m = method("blockbert", mlm_epochs=1.0)
+    ctx = Context(resolve_backbone("random:tiny"), get_task("sst2"),
+                  budget_for("smoke", get_task("sst2")), {})
+    model = m.build(ctx)
+    names = [stage.name for stage in m.stages(ctx)]
+    assert names == ["mlm", "finetune"]
+    mlm, finetune = m.stages(ctx)
+    assert mlm.losses == {"mlm": 1.0} and mlm.frozen == ("head.",)
+    mlm.on_step(model, 0, 1)
+    loss = m.losses(model, collate(features(LENGTHS), None))["mlm"]
+    loss.backward()
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
+    assert model.layers[0].attention.self.query.weight.grad is not None
+    assert model.mlm_head.words is model.encoder.embeddings.word_embeddings
+    finetune.on_step(model, 0, 1)
+    assert set(m.losses(model, collate(features(LENGTHS), None))) == {"task"}
+    assert method("blockbert").stages(ctx)[0].name == "finetune"
+    assert not hasattr(method("blockbert").build(ctx), "mlm_head")
+
+
+# -- end to end ---# -- end to end -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("task", ["sst2", "squad"])
 def test_runs_end_to_end(tiny_data, tmp_path, task):
@@ -272,3 +315,13 @@ def test_runs_end_to_end(tiny_data, tmp_path, task):
         assert not mode["macs_mismatch"] and mode["flops_speedup"] > 0
     lines = []  # the same settings again: the finished run is reused
     assert run(spec, lines.append) == run_dir and "already finished" in lines[-1]
+
+
+def test_mlm_continuation_runs_before_fine_tuning_end_to_end(tiny_data, tmp_path):
+    from skimbench.records import read_json
+
+    spec = RunSpec(method="blockbert", task="sst2", profile="smoke", data_dir=tiny_data,
+                   out=tmp_path, padding="none", overrides={"mlm_epochs": "1"})
+    record = read_json(run(spec, lambda _line: None) / "record.json")
+    assert [stage["stage"] for stage in record["train"]] == ["mlm", "finetune"]
+    assert record["train"][0]["steps"] > 0 and not record["padding"]["none"]["macs_mismatch"]
