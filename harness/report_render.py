@@ -439,58 +439,75 @@ def _our_point(table: pd.DataFrame, method: str, mode: str) -> pd.Series | None:
     return runs.loc[runs["metric"].astype(float).idxmax()]
 
 
+def _paper_metric(papers: pd.DataFrame, metric: pd.Series, dataset: str) -> tuple[str, float]:
+    """A paper's metric cell and its difference from that paper's own baseline (same table,
+    backbone and metric), NaN when the table has no row named baseline."""
+    their_base = papers[(papers["paper"] == metric["paper"])
+                        & (papers["table"] == metric["table"])
+                        & (papers["backbone"] == metric["backbone"])
+                        & (papers["dataset"] == dataset)
+                        & papers["method"].isin(PAPER_BASELINES)
+                        & (papers["metric"] == metric["metric"])]
+    drop = math.nan
+    if not their_base.empty:
+        drop = (pd.to_numeric(metric["value"], errors="coerce")
+                - pd.to_numeric(their_base["value"].iloc[0], errors="coerce"))
+    return f"{metric['metric']} {metric['value']} ({_signed(drop)})", drop
+
+
 def paper_comparison(frame_task: pd.DataFrame, papers: pd.DataFrame, dataset: str,
                      paper_names: dict[str, tuple[str, ...]]) -> pd.DataFrame:
-    """The paper-table re-make: each speedup a paper reports for a method we ran on this data
-    set, with its metric and the drop from its own baseline, beside our run's (same padding
-    mode; our FLOPs speedup whatever the paper's speedup kind, which the cell names)."""
+    """The paper-table re-make: each figure a paper reports for a method we ran on this data
+    set, its speedup (or `not reported`) and its metric with the drop from its own baseline,
+    beside our run's (same padding mode; our FLOPs speedup whatever the paper's speedup kind,
+    which the cell names). A figure without a speedup gives one row per paper table, on the
+    paper's metric named like ours where it has one."""
     table = _numeric_table(frame_task)
     base = table[table["method"].map(_is_baseline)]
     our_base = float(base["metric"].iloc[0]) if not base.empty else math.nan
+    main = _main_metric(frame_task).lower()
+    group = ["paper", "table", "backbone", "method", "padding"]
     rows = []
     for method, names in paper_names.items():
         if method not in set(table["method"]):
             continue
         mine = papers[(papers["dataset"] == dataset) & papers["method"].isin(names)]
-        for _, speed in mine[mine["metric"].str.lower() == "speedup"].iterrows():
-            same = mine[(mine["paper"] == speed["paper"]) & (mine["table"] == speed["table"])
-                        & (mine["backbone"] == speed["backbone"])
-                        & (mine["method"] == speed["method"])
-                        & (mine["padding"] == speed["padding"])
-                        & (mine["metric"].str.lower() != "speedup")]
-            metric_text, drop = MISSING, math.nan
-            if not same.empty:
-                metric = same.iloc[0]
-                # the paper's own baseline: same table and backbone
-                their_base = papers[(papers["paper"] == metric["paper"])
-                                    & (papers["table"] == metric["table"])
-                                    & (papers["backbone"] == metric["backbone"])
-                                    & (papers["dataset"] == dataset)
-                                    & papers["method"].isin(PAPER_BASELINES)
-                                    & (papers["metric"] == metric["metric"])]
-                if not their_base.empty:
-                    drop = (pd.to_numeric(metric["value"], errors="coerce")
-                            - pd.to_numeric(their_base["value"].iloc[0], errors="coerce"))
-                metric_text = f"{metric['metric']} {metric['value']} ({_signed(drop)})"
-            mode = speed["padding"] if speed["padding"] in PADDING_MODES else "none"
-            ours = _our_point(table, method, mode)
-            paper_speed = pd.to_numeric(speed["value"], errors="coerce")
-            our_speed = _num(ours[f"flops_speedup_{mode}"]) if ours is not None else math.nan
-            rows.append({
-                PAPER_COLUMNS[0]: f"{speed['paper']} {speed['table']}: {speed['method']}",
-                PAPER_COLUMNS[1]: _text(speed["backbone"]),
-                PAPER_COLUMNS[2]: f"{speed['padding']}" + ("" if mode == speed["padding"]
-                                                          else " (ours: none)"),
-                PAPER_COLUMNS[3]: metric_text,
-                PAPER_COLUMNS[4]: f"{_times(paper_speed)} ({_text(speed['speedup_kind'])})",
-                PAPER_COLUMNS[5]: _text(ours["run"]) if ours is not None else MISSING,
-                PAPER_COLUMNS[6]: (f"{_plain(ours['metric'], 1)} "
-                                   f"({_signed(_num(ours['metric']) - our_base)})"
-                                   if ours is not None else MISSING),
-                PAPER_COLUMNS[7]: _times(our_speed),
-                PAPER_COLUMNS[8]: _times(our_speed / paper_speed),
-            })
+        for _, figures in mine.groupby(group, dropna=False, sort=False):
+            speeds = figures[figures["metric"].str.lower() == "speedup"]
+            metrics = figures[figures["metric"].str.lower() != "speedup"]
+            named = metrics[metrics["metric"].str.lower() == main]
+            metric = (named if not named.empty else metrics).head(1)
+            for _, speed in (speeds.iterrows() if not speeds.empty
+                             else metric.iterrows()):
+                rows.append(_comparison_row(papers, table, dataset, method, our_base, speed,
+                                            None if metric.empty else metric.iloc[0],
+                                            has_speed=not speeds.empty))
     return pd.DataFrame(rows, columns=list(PAPER_COLUMNS))
+
+
+def _comparison_row(papers: pd.DataFrame, table: pd.DataFrame, dataset: str, method: str,
+                    our_base: float, figure: pd.Series, metric: pd.Series | None,
+                    has_speed: bool) -> dict:
+    metric_text = MISSING if metric is None else _paper_metric(papers, metric, dataset)[0]
+    mode = figure["padding"] if figure["padding"] in PADDING_MODES else "none"
+    ours = _our_point(table, method, mode)
+    paper_speed = pd.to_numeric(figure["value"], errors="coerce") if has_speed else math.nan
+    our_speed = _num(ours[f"flops_speedup_{mode}"]) if ours is not None else math.nan
+    return {
+        PAPER_COLUMNS[0]: f"{figure['paper']} {figure['table']}: {figure['method']}",
+        PAPER_COLUMNS[1]: _text(figure["backbone"]),
+        PAPER_COLUMNS[2]: f"{figure['padding']}" + ("" if mode == figure["padding"]
+                                                    else " (ours: none)"),
+        PAPER_COLUMNS[3]: metric_text,
+        PAPER_COLUMNS[4]: (f"{_times(paper_speed)} ({_text(figure['speedup_kind'])})"
+                           if has_speed else "not reported"),
+        PAPER_COLUMNS[5]: _text(ours["run"]) if ours is not None else MISSING,
+        PAPER_COLUMNS[6]: (f"{_plain(ours['metric'], 1)} "
+                           f"({_signed(_num(ours['metric']) - our_base)})"
+                           if ours is not None else MISSING),
+        PAPER_COLUMNS[7]: _times(our_speed),
+        PAPER_COLUMNS[8]: _times(our_speed / paper_speed) if has_speed else MISSING,
+    }
 
 
 def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame,
@@ -540,7 +557,8 @@ def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame,
     if compared is not None and len(compared):
         lines += ["", "## Paper figures beside ours", "",
                   "Each speedup a paper reports for a method run here, on this data set "
-                  "(`paper-numbers.csv`), with the paper's metric and its difference from that "
+                  "(`paper-numbers.csv`; a table that reports accuracy only gives one row with "
+                  "its speedup `not reported`), with the paper's metric and its difference from that "
                   "paper's own baseline, beside our run in the same padding mode (`unknown` is "
                   f"set beside our `none`). Our run is the one with the highest FLOPs speedup "
                   f"within {WITHIN_POINTS:g} point of our baseline (the most accurate when none "

@@ -215,6 +215,21 @@ def test_paper_comparison_sets_our_best_point_within_a_point_beside_each_paper_f
     assert "## Paper figures beside ours" in md and "| P Table 1: Trunc |" in md
 
 
+def test_a_paper_figure_without_a_speedup_is_set_beside_ours_on_our_metric():
+    """BlockBERT-style tables report accuracy only: one row per table, on the metric named
+    like ours, the speedup `not reported` and no ratio."""
+    papers = pd.DataFrame([
+        ("Q", "Table 3", "BERT-base", "Trunc", "SST-2", "F1", "90.0", "", "unknown"),
+        ("Q", "Table 3", "BERT-base", "Trunc", "SST-2", "accuracy", "91.0", "", "unknown"),
+    ], columns=["paper", "table", "backbone", "method", "dataset", "metric", "value",
+                "speedup_kind", "padding"])
+    [row] = rr.paper_comparison(make_frame(), papers, "SST-2",
+                                {"truncate": ("Trunc",)}).to_dict("records")
+    assert row["paper metric (vs its baseline)"] == "accuracy 91.0 (n/a)"
+    assert row["paper speedup"] == "not reported" and row["ours / paper speedup"] == "n/a"
+    assert row["our run"] == "truncate k=32" and row["our FLOPs speedup"] == "1.40x"
+
+
 def test_a_crowded_panel_names_only_its_frontier_and_the_baseline():
     rows = []
     for i in range(rr.MAX_LABELLED + 2):  # a sweep of points that all lie on one line
