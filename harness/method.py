@@ -112,6 +112,10 @@ class Method:
         """The fine-tuned baseline of this task and backbone (for `needs = ("baseline",)`)."""
         return load_checkpoint(Method.build(self, ctx), ctx.needs["baseline"])
 
+    def teacher_model(self, ctx: Context) -> TaskModel:
+        """The fine-tuned baseline as a distillation teacher: in eval mode, nothing trainable."""
+        return self.baseline_model(ctx).eval().requires_grad_(False)
+
     def initial_model(self, ctx: Context) -> TaskModel:
         """The model training starts from, per the config's `init` (InitSettings)."""
         if getattr(self.config, "init", "pretrained") == "baseline":

@@ -180,8 +180,7 @@ class DeFormer(Method):
     def build(self, ctx: Context) -> nn.Module:
         model = self.initial_model(ctx)
         if self.config.distill:
-            self._teacher = self.baseline_model(ctx).eval()
-            self._teacher.requires_grad_(False)
+            self._teacher = self.teacher_model(ctx)
         return model
 
     def stages(self, ctx: Context):

@@ -165,8 +165,7 @@ class DistilBert(Method):
 
     def build(self, ctx: Context) -> nn.Module:
         if self.config.distill:
-            self._teacher = self.baseline_model(ctx).eval()
-            self._teacher.requires_grad_(False)
+            self._teacher = self.teacher_model(ctx)
         if self.config.student != EXTRACT:
             torch.manual_seed(0)
             encoder = resolve_backbone(self.config.student).encoder(self.attn_implementation)
