@@ -35,6 +35,8 @@ class Budget:
     time_min_seconds: float = 1.0          # per A/B measurement, at least this long ...
     time_min_iters: int = 5                # ... and this many alternations
     count_batches: int = 2                 # batches checked with the FLOPs counter
+    # training batches of similar lengths (trainer.epoch_batches): less padding, same data
+    group_by_length: bool = False
 
     def __post_init__(self):
         """Reject settings no run could use (they arrive through --set)."""
@@ -60,8 +62,9 @@ BASE_BUDGETS = {
                     time_min_seconds=0.0, time_min_iters=2, count_batches=1),
     "ci": Budget("minilm", epochs=1, lr=1.5e-4, batch_size=32, max_train_examples=3000,
                  max_eval_examples=2000),
-    "local": Budget("minilm", epochs=3, lr=5e-5, batch_size=32),
-    "paper": Budget("bert-base-uncased", epochs=3, lr=2e-5, batch_size=32),
+    "local": Budget("minilm", epochs=3, lr=5e-5, batch_size=32, group_by_length=True),
+    "paper": Budget("bert-base-uncased", epochs=3, lr=2e-5, batch_size=32,
+                    group_by_length=True),
 }
 
 # Per-task departures from the profile's base (the papers' recipes for `paper`:

@@ -408,7 +408,7 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
     else:
         method.prepare(model, ctx, train_features, log)
         summaries = train(model, stages, train_features, method.losses, r.spec.seed,
-                          checkpoint.parent, log)
+                          checkpoint.parent, log, budget.group_by_length)
         # the stage files are temporary: the record names what stays
         last_stage = summaries[-1] if summaries else {}
         epochs = [Path(p) for p in last_stage.pop("epoch_checkpoints", [])]

@@ -19,8 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from skimbench.features import collate
+
+# batches are drawn from "mega-batches" of this many batches sorted by length (HF Trainer's
+# `group_by_length` uses the same factor)
+MEGA_BATCHES = 50
 
 
 @dataclass
@@ -88,12 +93,27 @@ def _linear_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _batches(features: list[dict], batch_size: int, generator: torch.Generator):
-    """Endless seeded shuffles of the training set, padded to each batch's longest member."""
+def epoch_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                  group_by_length: bool = False) -> list[list[int]]:
+    """One epoch's batches of feature indices in a seeded random order. `group_by_length`:
+    shuffle, sort by length within mega-batches of 50 batches, then shuffle the batches, so a
+    batch holds features of similar length and pads (and computes) far less."""
+    if not group_by_length:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    order = get_length_grouped_indices(lengths, batch_size, mega_batch_mult=MEGA_BATCHES,
+                                       generator=generator)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def _batches(features: list[dict], batch_size: int, generator: torch.Generator,
+             group_by_length: bool = False):
+    """Endless seeded epochs of the training set, padded to each batch's longest member."""
+    lengths = [len(f["input_ids"]) for f in features]
     while True:
-        order = torch.randperm(len(features), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield collate([features[i] for i in order[start:start + batch_size]], None)
+        for batch in epoch_batches(lengths, batch_size, generator, group_by_length):
+            yield collate([features[i] for i in batch], None)
 
 
 def _epoch_file(saved: Path, k: int) -> Path:
@@ -101,10 +121,10 @@ def _epoch_file(saved: Path, k: int) -> Path:
 
 
 def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: LossFn,
-          seed: int, checkpoint_dir: Path | None = None, log: Callable[[str], None] = print
-          ) -> list[dict]:
+          seed: int, checkpoint_dir: Path | None = None, log: Callable[[str], None] = print,
+          group_by_length: bool = False) -> list[dict]:
     """Run every stage; returns per-stage summaries (steps, final loss, seconds, and the
-    epoch checkpoints of a stage that keeps them)."""
+    epoch checkpoints of a stage that keeps them). `group_by_length`: see `epoch_batches`."""
     if checkpoint_dir is None and any(stage.save_epochs for stage in stages):
         raise ValueError("a stage that keeps its epochs needs a checkpoint directory")
     summaries = []
@@ -119,7 +139,8 @@ def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: 
                     str(_epoch_file(saved, k))
                     for k in range(1, len(stage.epoch_ends(len(features))) + 1)]
             continue
-        summary = _run_stage(model, stage, features, loss_fn, seed + index, saved)
+        summary = _run_stage(model, stage, features, loss_fn, seed + index, saved,
+                             group_by_length)
         log(f"stage {stage.name}: {summary['steps']} steps, loss {summary['loss']:.4f}, "
             f"{summary['seconds']:.1f}s")
         summaries.append(summary)
@@ -130,7 +151,7 @@ def train(model: nn.Module, stages: list[Stage], features: list[dict], loss_fn: 
 
 
 def _run_stage(model: nn.Module, stage: Stage, features: list[dict], loss_fn: LossFn,
-               seed: int, saved: Path | None) -> dict:
+               seed: int, saved: Path | None, group_by_length: bool) -> dict:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     total = stage.steps(len(features))
@@ -139,7 +160,7 @@ def _run_stage(model: nn.Module, stage: Stage, features: list[dict], loss_fn: Lo
     model.train()
     started, running = time.perf_counter(), None
     bar = tqdm(total=total, desc=f"train {stage.name}", unit="step", leave=False)
-    batches = _batches(features, stage.batch_size, generator)
+    batches = _batches(features, stage.batch_size, generator, group_by_length)
     epoch_ends = stage.epoch_ends(len(features)) if stage.save_epochs else []
     epoch_files: list[Path] = []
     hooked = -1  # the last step on_step was called for
