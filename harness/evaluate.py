@@ -56,30 +56,35 @@ def run_model(method, model, features: list[dict], padding: str, batch_size: int
     return logits, traces
 
 
-def _score(task: Task, preds: list, golds: list) -> tuple[dict, dict]:
-    values, intervals = {}, {}
-    p, g = np.asarray(preds), np.asarray(golds)
-    for name in task.metrics:
-        fn = M.METRICS[name]
-        values[name] = fn(p, g)
-        intervals[name] = M.bootstrap_ci(fn, (p, g))
-    return values, intervals
+def _mean_points(values: np.ndarray) -> float:
+    return 100.0 * float(np.mean(values))
 
 
-def _score_qa(task: Task, examples, predictions: dict, null_odds: dict) -> tuple[dict, dict]:
+def metric_samples(task: Task, rows: list[dict]) -> dict[str, tuple]:
+    """Each metric as (statistic, per-example arrays) from an evaluation's prediction rows:
+    what a bootstrap resamples, and what two evaluations of the same examples are paired on."""
+    if task.kind == EXTRACTIVE_QA:
+        predictions = {row["id"]: row["prediction"] for row in rows}
+        refs = {row["id"]: row["gold"] for row in rows}
+        if task.key == "squad_v2":
+            names, (em, f1) = ("exact", "f1"), M.squad_v2_per_example(predictions, refs)
+        else:
+            names, (em, f1) = ("exact_match", "f1"), M.squad_v1_per_example(predictions, refs)
+        return {names[0]: (_mean_points, (em,)), names[1]: (_mean_points, (f1,))}
+    preds = np.asarray([row["prediction"] for row in rows])
+    golds = np.asarray([row["gold"] for row in rows])
+    return {name: (M.METRICS[name], (preds, golds)) for name in task.metrics}
+
+
+def _intervals(task: Task, rows: list[dict]) -> dict[str, tuple[float, float]]:
+    return {name: M.bootstrap_ci(fn, arrays)
+            for name, (fn, arrays) in metric_samples(task, rows).items()}
+
+
+def _score_qa(task: Task, examples, predictions: dict) -> dict:
     refs = {ex.id: ex.answers for ex in examples}
-    if task.key == "squad_v2":
-        values = M.squad_v2(predictions, refs)
-        em, f1 = M.squad_v2_per_example(predictions, refs)
-        names = ("exact", "f1")
-    else:
-        values = M.squad_v1(predictions, refs)
-        em, f1 = M.squad_v1_per_example(predictions, refs)
-        names = ("exact_match", "f1")
-    mean_points = lambda a: 100.0 * float(np.mean(a))  # noqa: E731
-    intervals = {names[0]: M.bootstrap_ci(mean_points, (em,)),
-                 names[1]: M.bootstrap_ci(mean_points, (f1,))}
-    return {k: v for k, v in values.items() if k != "total"}, intervals
+    values = (M.squad_v2 if task.key == "squad_v2" else M.squad_v1)(predictions, refs)
+    return {k: v for k, v in values.items() if k != "total"}
 
 
 def evaluate(method, model, task: Task, examples: list, features: list[dict], padding: str,
@@ -96,7 +101,7 @@ def evaluate(method, model, task: Task, examples: list, features: list[dict], pa
         predictions, null_odds = decode_predictions(
             examples, [f["window"] for f in features], [lg[:, 0] for lg in logits], [lg[:, 1] for lg in logits],
             with_null=task.key == "squad_v2")
-        values, intervals = _score_qa(task, examples, predictions, null_odds)
+        values = _score_qa(task, examples, predictions)
         per_example: dict[int, dict] = {}
         for feature, trace in zip(features, traces, strict=True):
             entry = per_example.setdefault(feature["example_index"], {
@@ -115,10 +120,10 @@ def evaluate(method, model, task: Task, examples: list, features: list[dict], pa
         stacked = torch.stack(logits)
         preds = (stacked.argmax(-1).tolist() if task.kind == CLASSIFICATION
                  else stacked.squeeze(-1).tolist())
-        golds = [ex.label for ex in examples]
-        values, intervals = _score(task, preds, golds)
         rows = [{"id": ex.id, "prediction": p, "gold": ex.label, **t}
                 for ex, p, t in zip(examples, preds, traces, strict=True)]
+        values = {name: fn(*arrays) for name, (fn, arrays) in metric_samples(task, rows).items()}
+    intervals = _intervals(task, rows)
     return Evaluation(padding, values, intervals, rows, macs_sum, positions, seconds,
                       sum(shared.values()))
 

@@ -169,9 +169,11 @@ def gpu_speedups(method, model, baseline, base_model, features: list[dict], padd
 
 def measure_mode(method, model, baseline, base_model, features: list[dict], padding: str,
                  budget: Budget, max_length: int, evaluation, base_evaluation,
-                 peak_rss_mb: float | None, counter: str = DEFAULT_COUNTER) -> ModeMeasurement:
+                 peak_rss_mb: float | None, counter: str = DEFAULT_COUNTER,
+                 timed: bool = True) -> ModeMeasurement:
     """Compare the method with the baseline in one padding mode. For the baseline run itself,
-    `base_model` is None: it is timed alone and its speedups are 1 by definition.
+    `base_model` is None: it is timed alone and its speedups are 1 by definition. `timed=False`
+    (a random control, whose decisions are replayed from the method's) measures no time.
 
     Only flop_counter is held to the 1% agreement: torchprofile and ptflops count other ops by
     design (see skimbench.flops), so with them the difference is recorded, not flagged."""
@@ -186,7 +188,10 @@ def measure_mode(method, model, baseline, base_model, features: list[dict], padd
     gpu = total_time = None
     precomputed = evaluation.precomputed_macs_sum
     size = method.precomputed_size() if precomputed else None
-    if base_model is None:
+    if not timed:
+        cpu = speedup = oracle = efficiency = None
+        base_macs = base_evaluation.macs_sum
+    elif base_model is None:
         stats = time_one(forward_all(method, model, batches), config)
         cpu, speedup, oracle, efficiency = {"method": asdict(stats)}, 1.0, None, None
         base_macs = evaluation.macs_sum

@@ -53,6 +53,22 @@ class InitSettings(MethodConfig):
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
 
+CONTROLS = ("random", "random-baseline")
+
+
+@dataclass
+class ControlSettings(MethodConfig):
+    """The random-removal controls of a learned token-removal method (skimbench.controls), both
+    inference settings: `control` makes this run evaluate a control instead of the method;
+    `controls` records both controls beside the method's own metrics."""
+
+    control: str = "none"   # none | random | random-baseline
+    controls: bool = True
+
+
+CONTROL_SETTINGS = ("control", "controls")
+
+
 @dataclass
 class Context:
     """What the harness hands a method when it builds: backbone, task, budget, prerequisites."""
@@ -82,9 +98,22 @@ class Method:
     # keep the weights of every epoch before the last as checkpoint/epoch-<k>.pt (the
     # baseline: a teacher averaged over epochs)
     keeps_epochs: ClassVar[bool] = False
+    # what the random control shuffles (a ControlSettings method): "token", the kept tokens of
+    # each example at the method's own counts; "example", whole schedules between examples
+    # (DeeBERT's exit layers: the same exit-layer histogram)
+    control_unit: ClassVar[str] = "token"
 
     def __init__(self, config: MethodConfig):
         self.config = config
+
+    @property
+    def controlled(self) -> bool:
+        """Has random-removal controls (its config takes ControlSettings)."""
+        return isinstance(self.config, ControlSettings)
+
+    def inference_keys(self) -> tuple[str, ...]:
+        """Settings that change only inference: the method's own and the controls'."""
+        return self.inference_settings + (CONTROL_SETTINGS if self.controlled else ())
 
     @classmethod
     def configure(cls, config: MethodConfig, task: Task) -> MethodConfig:

@@ -1,4 +1,5 @@
-"""Task metrics in points (0-100), SQuAD v1.1/v2.0 scoring and percentile bootstrap CIs.
+"""Task metrics in points (0-100), SQuAD v1.1/v2.0 scoring, percentile bootstrap CIs (also of
+a paired difference) and ROC AUC.
 
 Self-contained: imports only numpy, scipy.stats and the standard library.
 """
@@ -21,7 +22,9 @@ __all__ = [
     "f1",
     "matthews",
     "normalize_answer",
+    "paired_difference",
     "pearson",
+    "roc_auc",
     "spearman",
     "squad_exact",
     "squad_f1",
@@ -304,3 +307,36 @@ def bootstrap_ci(
         values[r] = statistic(*(a[idx] for a in cols))
     lo, hi = np.percentile(values, [100.0 * alpha / 2, 100.0 * (1 - alpha / 2)])
     return float(lo), float(hi)
+
+
+def paired_difference(
+    statistic: Callable[..., float],
+    ours: tuple[np.ndarray, ...],
+    theirs: tuple[np.ndarray, ...],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, tuple[float, float]]:
+    """statistic(ours) - statistic(theirs) over the same examples, with a paired percentile
+    bootstrap interval: every resample draws the same examples for both sides."""
+    k = len(ours)
+
+    def difference(*cols: np.ndarray) -> float:
+        return statistic(*cols[:k]) - statistic(*cols[k:])
+
+    arrays = tuple(np.asarray(a) for a in (*ours, *theirs))
+    return difference(*arrays), bootstrap_ci(difference, arrays, n_resamples, seed, alpha)
+
+
+# --------------------------------------------------------------------------- ranking
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """ROC AUC: the chance that a positive outscores a negative (ties count half), i.e. the
+    Mann-Whitney U of the positives over n_pos * n_neg. None when a class is empty."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    positive, negative = scores[labels], scores[~labels]
+    if positive.size == 0 or negative.size == 0:
+        return None
+    u = stats.mannwhitneyu(positive, negative, alternative="two-sided").statistic
+    return float(u / (positive.size * negative.size))

@@ -70,6 +70,9 @@ class RunRecord:
     tokenize_seconds: float                         # eval set, reported apart from model time
     needs: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # the method's caveats (Method.record_notes)
+    control: str | None = None       # this run evaluates a random control, not the method
+    controls: dict | None = None     # both random controls beside the method (skimbench.controls)
+    diagnostics: dict | None = None  # per decision layer: keep-score AUC and histograms
     status: str = "finished"
     schema: int = RECORD_SCHEMA
 

@@ -20,7 +20,15 @@ import torch
 
 from skimbench import __version__
 from skimbench.backbone import Backbone, resolve_backbone
+from skimbench.controls import (
+    CONTROL_PADDING,
+    check_control,
+    diagnostics,
+    evaluate_control,
+    run_controls,
+)
 from skimbench.data import FileLog, data_dir_from
+from skimbench.decisions import Observed, Recorder
 from skimbench.errors import UsageError
 from skimbench.evaluate import Evaluation, evaluate
 from skimbench.features import encode, padding_modes
@@ -29,6 +37,7 @@ from skimbench.hub import go_offline_if_unreachable
 from skimbench.measure import measure_mode
 from skimbench.method import (
     CHECKPOINT,
+    CONTROLS,
     Context,
     Method,
     check_supports,
@@ -190,6 +199,10 @@ def resolve(spec: RunSpec) -> ResolvedRun:
     except ValueError as exc:
         raise UsageError(f"invalid setting for method {method_cls.key!r} on backbone "
                          f"{backbone.name!r}: {exc}") from None
+    try:
+        check_control(method, paddings)
+    except ValueError as exc:
+        raise UsageError(f"invalid --set for method {method_cls.key!r}: {exc}") from None
     budget = replace(budget, backbone=backbone.name)
     run_id = spec.run_id or default_run_id(spec.profile, backbone, spec.seed, spec.overrides,
                                            spec.padding)
@@ -220,15 +233,15 @@ def _training_identity(config: dict, inference_settings: tuple[str, ...]) -> dic
 def trained_donor(run_dir: Path, config: dict, method: Method) -> Path | None:
     """A finished sibling run that trained exactly this model: a run differing only in
     inference settings (a threshold sweep) reuses its weights."""
-    if not method.inference_settings or not run_dir.parent.is_dir():
+    if not method.inference_keys() or not run_dir.parent.is_dir():
         return None
-    wanted = _training_identity(config, method.inference_settings)
+    wanted = _training_identity(config, method.inference_keys())
     for other in sorted(run_dir.parent.iterdir()):
         if (other == run_dir or status_of(other) != "finished"
                 or not (other / CHECKPOINT).is_file() or not (other / "config.json").is_file()):
             continue
         if _training_identity(read_json(other / "config.json"),
-                              method.inference_settings) == wanted:
+                              method.inference_keys()) == wanted:
             return other
     return None
 
@@ -301,6 +314,9 @@ def run(spec: RunSpec, echo=print) -> Path:
     set_status(run_dir, "finished")
     return run_dir
 
+
+CONTROL_NOTE = ("control={control}: the method's keep decisions replaced by random ones at its "
+                "own per-example, per-layer counts (same MACs); not timed")
 
 # the training summary beside the trained weights: a run that stops after training resumes
 # at evaluation
@@ -429,21 +445,48 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
         stage_file.unlink()
 
     evaluations, base_evaluations, measured = {}, {}, {}
+    control = check_control(method, r.paddings)
+    with_controls = method.controlled and control is None and method.config.controls
+    recorders: dict[str, Recorder] = {}
     for padding in r.paddings:
         args = (task, eval_examples, eval_features, padding, budget.eval_batch_size, max_length)
+        recorded = control is not None or (with_controls and padding == CONTROL_PADDING)
         with PeakRSS() as memory:
-            e = evaluations[padding] = evaluate(method, model, *args)
+            recorder = recorders[padding] = Recorder() if recorded else None
+            e = evaluations[padding] = evaluate(
+                Observed(method, recorder) if recorded else method, model, *args)
+            if control is not None:  # this run is the control: replay the recorded counts
+                e = evaluations[padding] = evaluate_control(
+                    control, method, model, base_model, recorder, r.spec.seed, *args)
         base = base_evaluations[padding] = None if baseline is None else (
             recorded_evaluation(needs[BASELINE], padding, budget, data.split, len(eval_features))
             or evaluate(baseline, base_model, *args))
         m = measured[padding] = measure_mode(method, model, baseline, base_model, eval_features,
                                              padding, budget, max_length, e, base,
-                                             memory.peak_mb, r.spec.counter)
+                                             memory.peak_mb, r.spec.counter,
+                                             timed=control is None)
         log(f"[{padding}] {task.main_metric} {e.metrics[task.main_metric]:.2f}, "
-            f"MACs/example {m.macs_per_example:.3e}, FLOPs speedup {m.flops_speedup:.2f}x, "
-            f"CPU time speedup {m.cpu_time_speedup:.2f}x"
+            f"MACs/example {m.macs_per_example:.3e}, FLOPs speedup {m.flops_speedup:.2f}x"
+            + (f", CPU time speedup {m.cpu_time_speedup:.2f}x" if control is None else
+               f" ({control} control: not timed)")
             + (f" (oracle {m.oracle_speedup:.2f}x)" if m.oracle_speedup else "")
             + (" [MACs MISMATCH vs counter]" if m.macs_mismatch else ""))
+    controls = predictor = None
+    if with_controls and CONTROL_PADDING in recorders:
+        own, args = evaluations[CONTROL_PADDING], (task, eval_examples, eval_features)
+        controls = run_controls(method, model, base_model, own, recorders[CONTROL_PADDING],
+                                base_evaluations[CONTROL_PADDING].macs_sum, r.spec.seed, *args,
+                                budget.eval_batch_size, max_length)
+        predictor = diagnostics(recorders[CONTROL_PADDING], base_model, task, eval_features,
+                                budget.eval_batch_size)
+        for name in CONTROLS:
+            value, (low, high) = (controls[name]["lift"][task.main_metric],
+                                  controls[name]["lift_ci"][task.main_metric])
+            log(f"lift over {name} removal: {value:+.2f} {task.main_metric} points "
+                f"(95% CI {low:+.2f} to {high:+.2f})")
+        for row in (predictor or {}).get("layers", []):
+            log(f"layer {row['layer']}: keep-score AUC "
+                + ("n/a" if row["auc"] is None else f"{row['auc']:.3f}"))
     # the headline metric comes from `none`, the reference schedule (DESIGN 3), when it ran
     headline = "none" if "none" in evaluations else r.paddings[0]
     first = evaluations[headline]
@@ -460,7 +503,8 @@ def _execute(r: ResolvedRun, data_dir: Path | None, needs: dict[str, Path], log)
                  for mode, m in measured.items()},
         executed=method.executed, train=summaries, train_seconds=train_seconds,
         tokenize_seconds=tokenize_seconds, needs={k: str(v) for k, v in needs.items()},
-        notes=method.record_notes())
+        notes=method.record_notes() + ([CONTROL_NOTE.format(control=control)] if control else []),
+        control=control, controls=controls, diagnostics=predictor)
     lines = []
     for index, row in enumerate(first.predictions):
         row = dict(row, macs_by_padding={m: e.predictions[index]["macs"]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from skimbench.decisions import decide
 from skimbench.model import REMOVED_LOGIT, Output, Trace, additive_mask
 
 
@@ -77,6 +78,15 @@ class Tokens:
         exact, and the cost a mask-only implementation really has."""
         keep = keep & self.alive
         return Tokens(self.hidden, self.positions, keep, self.attend & keep)
+
+
+def decide_tokens(keep: torch.Tensor, tokens: Tokens, layer: int,
+                  scores: torch.Tensor | None = None) -> torch.Tensor:
+    """A keep decision over tokens where slot 0 ([CLS]) always stays: every other real token is
+    a candidate (`decisions.decide`: the random control and the predictor diagnostics)."""
+    candidates = tokens.attend.clone()
+    candidates[:, 0] = False
+    return decide(keep, candidates, layer, scores, tokens.positions)
 
 
 class TokenScorer(nn.Module):

@@ -67,14 +67,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from skimbench.errors import UsageError
-from skimbench.features import collate
-from skimbench.method import CHECKPOINT, Context, Method, register
+from skimbench.method import CHECKPOINT, Context, ControlSettings, Method, register
 from skimbench.model import Output, Trace, additive_mask, task_loss
+from skimbench.saliency import compute_saliency
 from skimbench.selection import SelectionSettings
-from skimbench.skim import Tokens, TokenScorer, attention_layer
+from skimbench.skim import Tokens, TokenScorer, attention_layer, decide_tokens
 from skimbench.tasks import CLASSIFICATION, Task
 
 # Table 4 of the paper: (gamma, phi) per data set; any other task takes SST-2's
@@ -92,7 +91,7 @@ SALIENCY_FORMAT = 1
 
 
 @dataclass
-class AdapLeRConfig(SelectionSettings):
+class AdapLeRConfig(SelectionSettings, ControlSettings):
     gamma: float | None = None       # weight of the saliency KL; None: Table 4 for the task
     phi: float | None = None         # weight of the length loss; None: Table 4 for the task
     threshold_lr: float = 5e-4       # learning rate of eta and theta
@@ -373,6 +372,7 @@ class AdapLeR(Method):
             count = tokens.attend.sum(dim=1, keepdim=True)
             keep = shares >= eta[index] / count
             keep[:, 0] = True  # slot 0 is [CLS] in every row
+            keep = decide_tokens(keep, tokens, index, shares * count)
             tokens = tokens.masked(keep) if simulate else tokens.keep(keep)
             if kept is not None:
                 kept.append(tokens.attend.sum(dim=1))
@@ -399,38 +399,6 @@ def _inclusive_kl(targets: torch.Tensor, logits: torch.Tensor, log_alive: torch.
                         torch.zeros_like(target))
     per_row = terms.sum(dim=1)
     return (per_row * valid).sum() / valid.sum().clamp_min(1)
-
-
-def compute_saliency(model: nn.Module, features: list[dict], batch_size: int) -> torch.Tensor:
-    """(rows by example_index, longest feature) gradient x input saliency: the gradient of the
-    gold-label logit w.r.t. the embedding output, times it, L2 norm over the hidden size; zero
-    at pads. Batches of similar lengths, padded to their longest member."""
-    rows = max(f["example_index"] for f in features) + 1
-    longest = max(len(f["input_ids"]) for f in features)
-    out = torch.zeros(rows, longest)
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    device = next(model.parameters()).device
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    bar = tqdm(total=len(features), desc="saliency", unit="example", leave=False)
-    with torch.enable_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = [features[i] for i in order[start:start + batch_size]]
-            batch = {k: v.to(device) for k, v in collate(chunk, None).items()}
-            embedded = model.embed(batch).detach().requires_grad_(True)
-            hidden = embedded
-            mask = additive_mask(batch["attention_mask"], hidden.dtype)
-            for layer in model.layers:
-                hidden = layer(hidden, mask)
-            gold = model.logits(hidden).gather(1, batch["labels"][:, None]).sum()
-            [grad] = torch.autograd.grad(gold, embedded)
-            maps = (grad * embedded).norm(dim=-1) * batch["attention_mask"]
-            width = maps.shape[1]
-            out[batch["example_index"].cpu(), :width] = maps.detach().cpu().float()
-            bar.update(len(chunk))
-    bar.close()
-    return out
 
 
 def baseline_epochs(run_dir: Path, count: int) -> list[Path]:

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from skimbench.method import Context, Method, MethodConfig, register
+from skimbench.decisions import decide
+from skimbench.method import Context, ControlSettings, Method, register
 from skimbench.model import Output, Trace, task_loss
 from skimbench.skim import OutputBuffer, Tokens, attention_layer_diagonal, scatter_logits
 from skimbench.tasks import EXTRACTIVE_QA
@@ -49,7 +50,7 @@ IGNORE = -100
 
 
 @dataclass
-class BlockSkimConfig(MethodConfig):
+class BlockSkimConfig(ControlSettings):
     threshold: float = 0.001     # tau: keep a block iff p_keep >= tau (code's default)
     preset: str = "repo"         # repo | iclr2021: sets the settings still at their defaults
     skim_factor: float = 0.1     # alpha, weight of the block loss (scripts)
@@ -195,21 +196,28 @@ class BlockSkim(Method):
     def forward(self, model, batch: dict) -> Output:
         return self._run(model, batch, skim=not model.training)[0]
 
-    def _keep_blocks(self, block_logits: torch.Tensor, tokens: Tokens, types: torch.Tensor
-                     ) -> torch.Tensor:
-        """(B, K) blocks to keep: p_keep >= tau, optionally the question's, aligned per batch."""
+    def _keep_blocks(self, block_logits: torch.Tensor, tokens: Tokens, types: torch.Tensor,
+                     layer: int, answer: torch.Tensor | None) -> torch.Tensor:
+        """(B, K) blocks to keep: p_keep >= tau, optionally the question's, aligned per batch.
+        The candidates of the harness's decision gate are the blocks holding real tokens (less
+        the question's when protected); `answer` (B, input blocks), the blocks the training
+        labels mark, is the diagnostics' reference."""
         b = self.config.block_size
         p_keep = block_logits.softmax(dim=-1)[..., KEEP]
         alive = tokens.alive.view(len(p_keep), -1, b).any(dim=-1)
+        candidates = tokens.attend.view(len(p_keep), -1, b).any(dim=-1)
         keep = (p_keep >= self.config.threshold) & alive
         if self.config.protect_question:
             question = (tokens.attend & ~types.bool()).view(len(p_keep), -1, b).any(dim=-1)
             keep |= question & alive
+            candidates &= ~question
         if self.config.faithful_batching:  # every row keeps its top-m blocks, m = batch max
             most = int(keep.sum(dim=1).max())
             ranked = p_keep.masked_fill(~alive, -1.0).topk(most, dim=1).indices
             keep = torch.zeros_like(keep).scatter(1, ranked, True) & alive
-        return keep
+        blocks = tokens.positions[:, ::b] // b  # each slot block's block in the input
+        return decide(keep, candidates, layer, p_keep, blocks,
+                      None if answer is None else answer.gather(1, blocks))
 
     def _run(self, model, batch: dict, skim: bool) -> tuple[Output, list[torch.Tensor]]:
         b = self.config.block_size
@@ -220,6 +228,8 @@ class BlockSkim(Method):
         forward_states = self.config.removed_policy == "forward_states"
         buffer = OutputBuffer(hidden) if skim and forward_states else None
         heads = model.encoder.config.num_attention_heads
+        answer = (block_labels(padded, self.config) == 1
+                  if skim and "start_positions" in padded else None)
         widths, block_logits, extra = [], [], 0
         for index, layer in enumerate(model.layers):
             predictor = model.block_predictors[str(index)] \
@@ -238,7 +248,8 @@ class BlockSkim(Method):
             block_logits.append(logits)
             if skim:
                 types = padded["token_type_ids"].gather(1, tokens.positions)
-                keep = self._keep_blocks(logits, tokens, types).repeat_interleave(b, dim=1)
+                keep = self._keep_blocks(logits, tokens, types, index, answer
+                                         ).repeat_interleave(b, dim=1)
                 if buffer is not None:
                     buffer.write(tokens, ~keep)
                 tokens = tokens.masked(keep) if self.config.simulate else tokens.keep(keep)

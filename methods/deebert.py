@@ -57,7 +57,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from skimbench.method import Context, Method, MethodConfig, register
+from skimbench.decisions import decide
+from skimbench.method import Context, ControlSettings, Method, register
 from skimbench.model import Output, Trace, additive_mask
 from skimbench.tasks import CLASSIFICATION
 
@@ -66,7 +67,7 @@ OFFRAMP_INPUTS = ("cls", "mean")
 
 
 @dataclass
-class DeeBertConfig(MethodConfig):
+class DeeBertConfig(ControlSettings):
     # inference: exit where the off-ramp's entropy < S; -1 never exits. 0.1, one of
     # eval_entropy.sh's values (0 to 0.7), exits a binary prediction at >= 98% confidence; in
     # an issue's MRPC replication it kept the full model's F1 (methods-spec 12.5, unverified)
@@ -132,6 +133,7 @@ class DeeBert(Method):
     kinds = frozenset({CLASSIFICATION})
     needs = ("baseline",)
     inference_settings = ("entropy",)
+    control_unit = "example"  # the random control shuffles exit layers between examples
     # train_highway.sh (BERT): both stages at lr 2e-5, batch 8, 3 epochs, no warm-up (warmup
     # steps 0), no weight decay (the script's default 0.0), clip 1.0 (methods-spec 12.3)
     paper_budgets = {"*": dict(lr=2e-5, batch_size=8, epochs=3, warmup_ratio=0.0,
@@ -192,7 +194,12 @@ class DeeBert(Method):
             if index == num_layers - 1 or not exits:
                 continue
             ramp_logits = model.offramps[index](self._ramp_input(hidden, real))
-            leaving = entropy(ramp_logits) < self.config.entropy
+            uncertainty = entropy(ramp_logits)
+            # the harness's decision gate sees the batch as one row of candidates (the rows
+            # still running), each kept (running on) or not
+            staying = decide(uncertainty[None] >= self.config.entropy,
+                             torch.ones_like(uncertainty, dtype=torch.bool)[None], index + 1)[0]
+            leaving = ~staying
             if not bool(leaving.any()):
                 continue
             logits[running[leaving]] = ramp_logits[leaving]

@@ -29,9 +29,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from skimbench.method import Context, Method, MethodConfig, register
+from skimbench.method import Context, ControlSettings, Method, register
 from skimbench.model import Output, Trace, task_loss
-from skimbench.skim import Tokens, attention_block, attention_received, prune_after_attention
+from skimbench.skim import (
+    Tokens,
+    attention_block,
+    attention_received,
+    decide_tokens,
+    prune_after_attention,
+)
 from skimbench.tasks import CLASSIFICATION, REGRESSION
 
 IMPORTANCE_LENGTHS = ("task", "alive")
@@ -40,7 +46,7 @@ THRESHOLDS = "token_thresholds"  # parameter prefix of the learned deltas
 
 
 @dataclass
-class LTPConfig(MethodConfig):
+class LTPConfig(ControlSettings):
     final_threshold: float = 0.01   # the last layer's base threshold (README)
     penalty: float = 0.1            # lambda of the soft stage's kept-mass penalty (README 0.01-0.2)
     temperature: float = 1e-3       # T of the soft mask (TrainingArguments default)
@@ -170,6 +176,6 @@ class LTP(Method):
             scores = self.importance(model, probs, tokens)
             keep = scores >= torch.clamp(thresholds[index - 1], min=MIN_THRESHOLD)
             keep[:, 0] = True  # [CLS]
-            return keep
+            return decide_tokens(keep, tokens, index, scores)
 
         return prune_after_attention(model, batch, decide, masked)

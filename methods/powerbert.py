@@ -30,9 +30,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from skimbench.method import Context, Method, MethodConfig, register
+from skimbench.method import Context, ControlSettings, Method, register
 from skimbench.model import Output, Trace, task_loss
-from skimbench.skim import Tokens, attention_block, attention_received, prune_after_attention
+from skimbench.skim import (
+    Tokens,
+    attention_block,
+    attention_received,
+    decide_tokens,
+    prune_after_attention,
+)
 from skimbench.tasks import CLASSIFICATION, REGRESSION, Task
 
 QUERIES = ("real", "all")
@@ -47,7 +53,7 @@ DEFAULT_TASK = "sst2"  # tasks without a README row take SST-2's settings
 
 
 @dataclass
-class PowerBertConfig(MethodConfig):
+class PowerBertConfig(ControlSettings):
     penalty: float | None = None     # lambda of the L1 penalty; None: the README's for the task
     soft_lr: float | None = None     # LR_SOFT_EXTRACT; None: the README's for the task
     queries: str = "real"            # real | all: query rows summed into significance
@@ -170,6 +176,7 @@ class PowerBert(Method):
             score = self.significance(probs, tokens)
             score[:, 0] = math.inf  # [CLS]
             top = score.topk(min(counts[index], tokens.width), dim=1).indices
-            return torch.zeros_like(tokens.attend).scatter_(1, top, True) & tokens.attend
+            keep = torch.zeros_like(tokens.attend).scatter_(1, top, True) & tokens.attend
+            return decide_tokens(keep, tokens, index, score)
 
         return prune_after_attention(model, batch, decide)

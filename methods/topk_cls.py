@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from skimbench.method import Context, Method, MethodConfig, register
+from skimbench.method import Context, ControlSettings, Method, register
 from skimbench.model import Output, Trace
-from skimbench.skim import OutputBuffer, Tokens, attention_layer
+from skimbench.skim import OutputBuffer, Tokens, attention_layer, decide_tokens
 from skimbench.tasks import EXTRACTIVE_QA
 
 DEFAULT_KEEP_RATIO = 0.5
@@ -42,7 +42,7 @@ RATIO_SLACK = 1e-9
 
 
 @dataclass
-class TopKClsConfig(MethodConfig):
+class TopKClsConfig(ControlSettings):
     keep_ratio: float | None = None  # kept share of each row's real tokens; None: 0.5 (no keep)
     keep: int | None = None          # or a fixed count per row, [CLS] included
     layer: int | None = None         # layers run at full length, the last one scores; None: L // 2
@@ -114,7 +114,8 @@ class TopKCls(Method):
             tokens = replace(tokens, hidden=layer(tokens.hidden, tokens.mask()))
         hidden, probs = attention_layer(model.layers[full - 1], tokens.hidden, tokens.mask())
         tokens = replace(tokens, hidden=hidden)
-        keep = self.select(probs, tokens)
+        keep = decide_tokens(self.select(probs, tokens), tokens, full - 1,
+                             probs[:, :, 0].mean(dim=1))
         if buffer is not None:
             buffer.write(tokens, ~keep)
         tokens = tokens.keep(keep)

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from skimbench.method import Context, Method, MethodConfig, register
+from skimbench.method import Context, ControlSettings, Method, register
 from skimbench.model import Output, Trace, additive_mask, task_loss
-from skimbench.skim import OutputBuffer, Tokens, attention_layer
+from skimbench.skim import OutputBuffer, Tokens, attention_layer, decide_tokens
 from skimbench.tasks import EXTRACTIVE_QA, Task
 
 # lambda of the released scripts (GLUE and IMDB 0.5, SQuAD 0.3, 20News and Yelp 0.2; the model's
@@ -46,7 +46,7 @@ KEEP, SKIM = 1, 0  # predictor output columns
 
 
 @dataclass
-class TranskimmerConfig(MethodConfig):
+class TranskimmerConfig(ControlSettings):
     skim_coefficient: float | None = None  # lambda; None: the preset's value for the task
     keep_threshold: float = 0.5      # inference: keep a token iff p_keep > this
     preset: str = "scripts"          # scripts (released code) | paper (Table 2 lambda, tau 0.1)
@@ -189,11 +189,16 @@ class Transkimmer(Method):
         tokens = Tokens.start(hidden, batch["attention_mask"])
         buffer = OutputBuffer(hidden) if model.kind == EXTRACTIVE_QA else None
         widths, extra = [], model.head_macs(length)
-        for layer, predictor in zip(model.layers, model.skim_predictors, strict=True):
+        for index, (layer, predictor) in enumerate(
+                zip(model.layers, model.skim_predictors, strict=True)):
             # slot 0 is [CLS] in every row: it is never removed and never scored
-            decided = self._decide(predictor(tokens.hidden[:, 1:]), False).bool()
+            logits = predictor(tokens.hidden[:, 1:])
+            decided = self._decide(logits, False).bool()
             extra += (tokens.width - 1) * predictor_macs(model.hidden_size)
             keep = torch.cat([decided.new_ones(batch_size, 1), decided], dim=1)
+            p_keep = logits.softmax(dim=-1)[..., KEEP]
+            keep = decide_tokens(keep, tokens, index,
+                                 torch.cat([p_keep.new_ones(batch_size, 1), p_keep], dim=1))
             if buffer is not None:
                 buffer.write(tokens, ~keep)
             tokens = tokens.keep(keep)

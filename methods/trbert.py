@@ -59,9 +59,9 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from skimbench.features import collate
-from skimbench.method import CHECKPOINT, Context, Method, MethodConfig, register
+from skimbench.method import CHECKPOINT, Context, ControlSettings, Method, register
 from skimbench.model import Output, Trace, additive_mask
-from skimbench.skim import OutputBuffer, Tokens, TokenScorer
+from skimbench.skim import OutputBuffer, Tokens, TokenScorer, decide_tokens
 from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, Task
 
 # README "Harmonic Coefficient Lambda": alpha of (train_rl, train_both) per data set
@@ -74,7 +74,7 @@ TEACHER_FORMAT = 1
 
 
 @dataclass
-class TRBertConfig(MethodConfig):
+class TRBertConfig(ControlSettings):
     alpha_policy: float | None = None  # length penalty, policy stage; None: README's for the task
     alpha_joint: float | None = None   # length penalty, joint stage; None: README's for the task
     samples: int = 8                   # K copies per example (the code's sample_K)
@@ -306,7 +306,9 @@ class TRBert(Method):
             if index in points:
                 point = points.index(index)
                 extra += tokens.width * TokenScorer.macs(model.hidden_size)
-                keep = decide(point, model.policies[point](tokens.hidden), tokens)
+                logits = model.policies[point](tokens.hidden)
+                keep = decide_tokens(decide(point, logits, tokens), tokens, index,
+                                     logits.sigmoid())
                 if buffer is not None:
                     buffer.write(tokens, ~keep)
                 tokens = tokens.keep(keep)
