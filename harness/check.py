@@ -1,5 +1,6 @@
 """`skimbench check` (DESIGN 8): re-run the committed reference configurations and fail on
-regressions of accuracy, FLOPs speedup or time speedup."""
+regressions of accuracy, FLOPs speedup or time speedup, and on a learned token-removal method
+that does worse than random removal at its own counts."""
 
 from __future__ import annotations
 
@@ -67,7 +68,27 @@ def compare(reference: dict, current: dict) -> list[str]:
             if value is None or value < ref_value * (1 - tolerance):
                 breaches.append(f"{key} [{mode}] {value if value is None else round(value, 3)} "
                                 f"< reference {ref_value:.3f} - {tolerance:.0%}")
-    return breaches
+    return breaches + _control_breaches(reference, current)
+
+
+def _control_breaches(reference: dict, current: dict) -> list[str]:
+    """The learned predictor must beat random removal at the same counts: a breach where the
+    current run's lift over the `random` control is below 0 beyond its paired interval, or
+    where the reference has controls and the current record none (older records lack the
+    key: the same as None)."""
+    controls = current.get("controls")
+    if not controls:
+        return ["no random controls recorded (the reference has them)"] \
+            if reference.get("controls") else []
+    main = current.get("main_metric") or reference.get("main_metric")
+    random = controls.get("random") or {}
+    interval = (random.get("lift_ci") or {}).get(main)
+    if interval is None or interval[1] >= 0:
+        return []
+    value = (random.get("lift") or {}).get(main)
+    shown = "n/a" if value is None else f"{value:+.2f}"
+    return [f"lift over random removal {shown} below 0 beyond its interval "
+            f"[{interval[0]:+.2f}, {interval[1]:+.2f}] ({main} points)"]
 
 
 def check(against: Path, results: Path, reuse: bool, profile: str, data_dir, echo

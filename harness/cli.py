@@ -145,7 +145,9 @@ def check(against, results, reuse, profile, data_dir):
     """Re-run the reference configurations and fail on regressions (DESIGN 8).
 
     A breach is a metric more than 1 point (or the reference's bootstrap half-width) below the
-    reference, a FLOPs speedup more than 2% lower, or a time speedup more than 20% lower.
+    reference, a FLOPs speedup more than 2% lower, a time speedup more than 20% lower, a lift
+    over random removal below 0 beyond its 95% interval, or no random controls where the
+    reference has them.
 
     \b
     Examples:
@@ -321,6 +323,40 @@ def _show(run_dir: Path) -> None:
                          + (f"  (CPU time {total_time:.2f}x)" if total_time else "")))
     rows.append(("train time", f"{r['train_seconds']:.1f}s"))
     _table(("field", "value"), rows)
+    for line in _control_lines(r):
+        click.echo(line)
+
+
+def _control_lines(r: dict) -> list[str]:
+    """The random controls and predictor diagnostics of a record (skimbench.controls); older
+    records lack the keys, which reads as None."""
+    lines = []
+    if r.get("control"):
+        lines.append(f"this run is the {r['control']} control: the method's keep decisions "
+                     "replaced by random ones at its own counts (same MACs), not timed")
+    controls = r.get("controls") or {}
+    main = r.get("main_metric")
+    for name, entry in controls.items():
+        if not isinstance(entry, dict) or "lift" not in entry:
+            continue  # padding, seed, unit
+        names = sorted(entry["lift"], key=lambda metric: metric != main)
+        parts = []
+        for metric in names:
+            low, high = (entry.get("lift_ci") or {}).get(metric) or (None, None)
+            parts.append(f"{metric} {entry['lift'][metric]:+.2f}"
+                         + (f" [{low:+.2f}, {high:+.2f}]" if low is not None else ""))
+        lines.append(f"lift over {name}: " + "; ".join(parts) + " (points, paired bootstrap "
+                     f"95%; padding {controls.get('padding', 'none')}, "
+                     f"unit: {controls.get('unit', 'token')})")
+    diagnostics = r.get("diagnostics") or {}
+    if diagnostics.get("layers"):
+        lines.append(f"predictor diagnostics (reference: "
+                     f"{diagnostics.get('reference', 'n/a')}):")
+    for row in diagnostics.get("layers", []):
+        auc = "n/a" if row.get("auc") is None else f"{row['auc']:.3f}"
+        lines.append(f"layer {row['layer']}: AUC {auc} ({row['important']} important / "
+                     f"{row['other']} other)")
+    return lines
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

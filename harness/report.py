@@ -21,14 +21,15 @@ def run_label(config: dict) -> str:
     e.g. "truncate keep_tokens=16" or "layerdrop keep_layers=3 train=all"."""
     from dataclasses import fields
 
-    from skimbench.method import methods
+    from skimbench.method import CONTROL_SETTINGS, methods
 
     settings = config.get("method_config", {})
     cls = methods().get(config["method"])
     defaults = {f.name: f.default for f in fields(cls.Config)} if cls else {}
-    # the main knob is the first setting, except InitSettings' `init` (which dataclasses put
-    # first): where training starts is not what a method's curve varies
-    main = next((k for k in settings if k != "init"), None)
+    # the main knob is the first setting, except InitSettings' `init` and ControlSettings'
+    # `control`/`controls` (which dataclasses put first): neither where training starts nor
+    # which control is evaluated is what a method's curve varies
+    main = next((k for k in settings if k not in ("init", *CONTROL_SETTINGS)), None)
     shown = [f"{k}={v}" for k, v in settings.items() if k != main and defaults.get(k) != v]
     return " ".join([config["method"], *([f"{main}={settings[main]}"] if main else []), *shown])
 
@@ -46,6 +47,14 @@ def _gpu(mode: dict, batch_size: int) -> tuple[float | None, float | None]:
     entry = fp32.get(str(batch_size)) or fp32.get(batch_size)
     peaks = [e["peak_mb"] for dtype in gpu.values() for e in dtype.values()]
     return (entry or {}).get("speedup"), (max(peaks) if peaks else None)
+
+
+def _lift(controls: dict | None, control: str, main: str) -> tuple[float | None, ...]:
+    """The method's lift over one control on the main metric: value, low, high (points)."""
+    entry = (controls or {}).get(control) or {}
+    value = (entry.get("lift") or {}).get(main)
+    low, high = (entry.get("lift_ci") or {}).get(main) or (None, None)
+    return value, low, high
 
 
 def records_frame(results: Path, latency_dir: Path | None = None):
@@ -66,6 +75,10 @@ def records_frame(results: Path, latency_dir: Path | None = None):
                      if "sequence" in modes and "none" in modes else None)
         slug = backbone_slug(record["backbone"])
         main = record["main_metric"]
+        # older records have no controls, control or diagnostics keys: same as None
+        controls = record.get("controls")
+        lifts = {name: _lift(controls, name, main) for name in ("random", "random-baseline")}
+        random_metric = (((controls or {}).get("random") or {}).get("metrics") or {}).get(main)
         for padding, m in modes.items():
             # dynamic methods score differently per mode; older records hold one metric
             metric = m.get("metrics", record["metrics"])[main]
@@ -90,11 +103,40 @@ def records_frame(results: Path, latency_dir: Path | None = None):
                 "executed": record["executed"], "macs_mismatch": m.get("macs_mismatch", False),
                 "load_flagged": bool((m.get("cpu") or {}).get("load_flagged", False)),
                 "notes": "; ".join(record.get("notes", [])),
+                "control": record.get("control"),
+                "lift_random": lifts["random"][0], "lift_random_low": lifts["random"][1],
+                "lift_random_high": lifts["random"][2],
+                "lift_random_baseline": lifts["random-baseline"][0],
+                "lift_random_baseline_low": lifts["random-baseline"][1],
+                "lift_random_baseline_high": lifts["random-baseline"][2],
+                "random_metric": random_metric,
             })
     if not rows:
         raise UsageError(f"no finished run records under {results}: run `skimbench run` first "
                          "or point --results at a folder of run directories")
     return pd.DataFrame(rows, columns=list(FRAME_COLUMNS))
+
+
+def records_diagnostics(results: Path) -> list[dict]:
+    """The predictor diagnostics of every finished run that has them (control runs have none):
+    task, task_title, method, label, backbone, profile, `overrides` (how many method settings
+    the run set with --set: 0 for the method's default-setting run) and the record's
+    `diagnostics`."""
+    entries = []
+    for run_dir in finished_runs(results):
+        record = read_json(run_dir / "record.json")
+        if not record.get("diagnostics") or record.get("control"):
+            continue
+        config = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {
+            "method": record["method"]}
+        settings = config.get("method_config", {})
+        entries.append({
+            "task": record["task"], "task_title": TASKS[record["task"]].title,
+            "method": record["method"], "label": run_label(config),
+            "backbone": record["backbone"], "profile": record["profile"],
+            "overrides": sum(key in settings for key in config.get("overrides", {})),
+            "diagnostics": record["diagnostics"]})
+    return entries
 
 
 def write_report(results: Path, out: Path) -> list[Path]:
@@ -103,6 +145,7 @@ def write_report(results: Path, out: Path) -> list[Path]:
         paper_comparison,
         paper_numbers,
         published_baselines,
+        write_diagnostics,
         write_index,
         write_pareto,
         write_task_tables,
@@ -113,8 +156,12 @@ def write_report(results: Path, out: Path) -> list[Path]:
     published = {task: published_baselines(papers, TASKS[task].paper_name)
                  for task in frame["task"].unique()}
     names = {key: cls.paper_names for key, cls in methods().items() if cls.paper_names}
-    compared = {task: paper_comparison(frame[frame["task"] == task], papers,
+    # a control run (--set control=...) is listed in the tables, but it is no point of the
+    # method's curve: the plots and the paper re-make take the methods' own runs only
+    own = frame[frame["control"].isna()]
+    compared = {task: paper_comparison(own[own["task"] == task], papers,
                                        TASKS[task].paper_name, names)
-                for task in frame["task"].unique()}
-    files = write_task_tables(frame, out, published, compared) + write_pareto(frame, out)
+                for task in own["task"].unique()}
+    files = (write_task_tables(frame, out, published, compared) + write_pareto(own, out)
+             + write_diagnostics(records_diagnostics(results), out))
     return [*files, write_index(out, files, frame)]

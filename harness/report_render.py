@@ -38,7 +38,16 @@ FRAME_COLUMNS = (
     # precomputed (cached) work charged once per entry; NaN for methods without a cache
     "total_flops_speedup", "total_cpu_time_speedup",
     "notes",  # the method's caveats for the run (Method.record_notes), "; "-joined
+    # random-removal controls (skimbench.controls), the same on every row of a run; NaN/None
+    # for runs without them. `control`: the control this run itself evaluates, if any
+    "control", "lift_random", "lift_random_low", "lift_random_high", "lift_random_baseline",
+    "lift_random_baseline_low", "lift_random_baseline_high",
+    "random_metric",  # the `random` control's main metric (no padding)
 )
+# the lift columns per control: (value, low, high) frame/CSV columns and the table's heading
+LIFTS = {"random": ("lift_random", "lift_random_low", "lift_random_high"),
+         "random-baseline": ("lift_random_baseline", "lift_random_baseline_low",
+                             "lift_random_baseline_high")}
 PADDING_MODES = ("none", "batch", "sequence")
 RUN_KEY = ("label", "backbone", "profile")
 BASELINE = "baseline"
@@ -69,6 +78,11 @@ PROFILE_NOTES = {
     "paper": "the papers' backbones, data and hyper-parameters",
 }
 
+LIFT_NOTE = ("Lift over random = the run's metric minus that of the same model with every keep "
+             "decision replaced by a uniform random one at the method's own per-example, "
+             "per-layer counts (same MACs), without padding; lift over random-baseline = the "
+             "same random removal on the fine-tuned baseline's weights. In brackets, the paired "
+             "bootstrap 95% interval over examples; empty where the run has no controls.")
 MACS_NOTE = ("MACs exclude embeddings, layer norms, softmax, activations and biases, and include "
              "task heads, poolers and every predictor a method adds (DESIGN 4.1); FLOPs = 2 x "
              "MACs, so MAC and FLOP ratios are equal.")
@@ -156,6 +170,18 @@ def format_metric_ci(metric, ci_low=None, ci_high=None, digits: int = 1) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def format_lift(value, low=None, high=None, digits: int = 2) -> str:
+    """'+2.31 [+0.80, +3.90]' (signed points); '' where the value is missing, the interval left
+    out where either bound is."""
+    value = _num(value)
+    if math.isnan(value):
+        return ""
+    low, high = _num(low), _num(high)
+    if math.isnan(low) or math.isnan(high):
+        return f"{value:+.{digits}f}"
+    return f"{value:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
 def _check_columns(frame: pd.DataFrame) -> None:
     missing = [c for c in FRAME_COLUMNS if c not in frame.columns]
     if missing:
@@ -226,7 +252,8 @@ def _is_baseline(method) -> bool:
 
 _NUMERIC_COLUMNS = (
     "run", "method", "backbone", "profile", "seed", "run_dir", "main_metric", "metric",
-    "ci_low", "ci_high", "flops_speedup_none", "flops_speedup_batch", "flops_speedup_sequence",
+    "ci_low", "ci_high", *LIFTS["random"], *LIFTS["random-baseline"],
+    "flops_speedup_none", "flops_speedup_batch", "flops_speedup_sequence",
     "padding_inflation", "cpu_time_speedup_none", "cpu_time_speedup_batch",
     "gpu_time_speedup_none", "gpu_time_speedup_batch", "oracle_speedup_none",
     "removal_efficiency_none", "removal_efficiency_batch", "peak_rss_mb", "cuda_peak_mb",
@@ -263,6 +290,7 @@ def _numeric_table(frame_task: pd.DataFrame) -> pd.DataFrame:
             "run_dir": _text(first("run_dir")), "main_metric": _text(first("main_metric")),
             "metric": _num(first("metric")), "ci_low": _num(first("ci_low")),
             "ci_high": _num(first("ci_high")),
+            **{column: _num(first(column)) for columns in LIFTS.values() for column in columns},
             **{f"flops_speedup_{m}": mode(m, "flops_speedup") for m in
                ("none", "batch", "sequence")},
             "padding_inflation": inflation,
@@ -301,8 +329,10 @@ def task_table(frame_task: pd.DataFrame, numeric: bool = False) -> pd.DataFrame:
     """One row per run (label, backbone, profile) of one task: baseline first, then by label.
 
     By default every cell is formatted text: metric with CI ("91.2 [90.1, 92.3]"), speedups
-    with an `x` suffix, `n/a` where not measured; flagged runs carry a footnote marker after
-    their label, and `table.attrs["footnotes"]` maps each marker used to its meaning.
+    with an `x` suffix, `n/a` where not measured; where any run has random controls, the lift
+    over each after the metric ("+2.31 [+0.80, +3.90]", empty for a run without). Flagged
+    runs carry a footnote marker after their label, and `table.attrs["footnotes"]` maps each
+    marker used to its meaning.
     `numeric=True` gives the same rows with raw numbers (metric, CI bounds, one column per
     quantity and mode, the flags as booleans), as written to `<task>.csv`.
     """
@@ -342,6 +372,12 @@ def task_table(frame_task: pd.DataFrame, numeric: bool = False) -> pd.DataFrame:
                      table["total_flops_speedup_none"].map(_times))
         shown.insert(10, "CPU speedup total bs1 (none)",
                      table["total_cpu_time_speedup_none"].map(_times))
+    if any(table[columns[0]].notna().any() for columns in LIFTS.values()):
+        # learned token removal against random removal at the same counts (skimbench.controls)
+        for at, (control, columns) in enumerate(LIFTS.items(), start=4):
+            shown.insert(at, f"lift over {control}",
+                         [format_lift(*values) for values in
+                          zip(*(table[c] for c in columns), strict=True)])
     shown.attrs["footnotes"] = footnotes
     return shown
 
@@ -545,6 +581,8 @@ def _task_markdown(frame_task: pd.DataFrame, task: str, table: pd.DataFrame,
         "removal efficiency = CPU speedup / oracle speedup (DESIGN 4.4).",
         f"- `{MISSING}` = not measured.",
     ]
+    if any(str(c).startswith("lift over ") for c in table.columns):
+        lines.append(f"- {LIFT_NOTE}")
     noted = [(run, note) for run, note in zip(numeric["run"], numeric["notes"], strict=True)
              if note]
     if noted:
@@ -601,8 +639,9 @@ def write_task_tables(frame: pd.DataFrame, out_dir,
 def pareto_points(frame_task: pd.DataFrame, padding: str,
                   speedup_column: str = "flops_speedup") -> pd.DataFrame:
     """One point per run measured in `padding`: columns label, method, backbone, profile, kind
-    ('baseline', 'simple' or 'method'), markers, metric, ci_low, ci_high, speedup. Rows without
-    a finite metric or a positive speedup are left out."""
+    ('baseline', 'simple' or 'method'), markers, metric, ci_low, ci_high, speedup and
+    random_metric (the run's random control, NaN without one). Rows without a finite metric or
+    a positive speedup are left out."""
     _single_task(frame_task)
     if speedup_column not in frame_task.columns:
         raise SkimbenchError(f"no column {speedup_column!r} in the report frame")
@@ -622,12 +661,13 @@ def pareto_points(frame_task: pd.DataFrame, padding: str,
             "label": _text(label), "method": method, "backbone": _text(backbone),
             "profile": _text(profile), "kind": kind, "markers": _markers(_run_flags(rows)),
             "metric": metric, "ci_low": _num(row["ci_low"]), "ci_high": _num(row["ci_high"]),
-            "speedup": speedup,
+            "speedup": speedup, "random_metric": _num(row["random_metric"]),
         })
     columns = ["label", "method", "backbone", "profile", "kind", "markers", "metric", "ci_low",
-               "ci_high", "speedup"]
+               "ci_high", "speedup", "random_metric"]
     points = pd.DataFrame.from_records(records, columns=columns)
-    return points.astype({"metric": float, "ci_low": float, "ci_high": float, "speedup": float})
+    return points.astype({"metric": float, "ci_low": float, "ci_high": float, "speedup": float,
+                          "random_metric": float})
 
 
 def pareto_frontier(points: pd.DataFrame) -> pd.DataFrame:
@@ -647,6 +687,7 @@ def pareto_frontier(points: pd.DataFrame) -> pd.DataFrame:
     return frontier.iloc[order].reset_index(drop=True)
 
 
+CONTROL_PADDING = "none"  # the padding mode the random controls are measured in
 _PANELS = (("none", "padding none: no pad token computed"),
            ("sequence", "padding sequence: padded to the task's max length"))
 MAX_LABELLED = 10  # points per panel that all get a label
@@ -680,9 +721,11 @@ def _styles(methods: Iterable[str]) -> dict[str, dict]:
     return styles
 
 
-def _place_labels(ax, renderer, points: pd.DataFrame, texts: list[str]) -> None:
+def _place_labels(ax, renderer, points: pd.DataFrame, texts: list[str],
+                  obstacles: np.ndarray | None = None) -> None:
     """Label each marker at the first nearby offset that overlaps no label or marker placed so
-    far and stays inside the axes (else at the offset with the fewest overlaps)."""
+    far (nor an unlabelled marker at data coordinates `obstacles`, (n, 2)) and stays inside the
+    axes (else at the offset with the fewest overlaps)."""
     from matplotlib.transforms import Bbox
 
     frame_box = ax.get_window_extent(renderer)
@@ -690,6 +733,9 @@ def _place_labels(ax, renderer, points: pd.DataFrame, texts: list[str]) -> None:
     scale = renderer.points_to_pixels(1.0)
     taken = [Bbox.from_bounds(x - 6 * scale, y - 6 * scale, 12 * scale, 12 * scale)
              for x, y in xy]
+    if obstacles is not None and len(obstacles):
+        taken += [Bbox.from_bounds(x - 6 * scale, y - 6 * scale, 12 * scale, 12 * scale)
+                  for x, y in ax.transData.transform(obstacles)]
     for (x, y), text, (px, py) in zip(points[["speedup", "metric"]].to_numpy(dtype=float),
                                       texts, xy, strict=True):
         own = Bbox.from_bounds(px - 6 * scale, py - 6 * scale, 12 * scale, 12 * scale)
@@ -715,8 +761,33 @@ def _place_labels(ax, renderer, points: pd.DataFrame, texts: list[str]) -> None:
         taken.append(best[2])
 
 
+def _control_points(points: pd.DataFrame) -> pd.DataFrame:
+    """The runs of a panel that have a random control (finite `random_metric`)."""
+    if "random_metric" not in points:
+        return points.iloc[0:0]
+    return points[np.isfinite(points["random_metric"].to_numpy(dtype=float))]
+
+
+def _draw_controls(ax, points: pd.DataFrame, styles: dict) -> np.ndarray:
+    """Each run's random control as a hollow marker in the run's colour and shape, at the
+    run's speedup (same MACs), dotted to the run's own marker; the controls' (x, y)."""
+    controls = _control_points(points)
+    for method, rows in controls.groupby("method", sort=True):
+        style = styles[method]
+        # a run drawn hollow itself (the simple baselines) gets a dashed outline for its control
+        hollow = style["facecolor"] != style["edgecolor"]
+        ax.vlines(rows["speedup"], rows["random_metric"], rows["metric"],
+                  color=style["edgecolor"], linewidth=0.9, linestyle=":", zorder=2)
+        ax.scatter(rows["speedup"], rows["random_metric"], marker=style["marker"],
+                   s=style["s"] * (1.4 if hollow else 1.0), facecolors="none",
+                   edgecolors=style["edgecolor"], linewidths=1.4,
+                   linestyles=(0, (2, 1)) if hollow else "solid", zorder=style["zorder"])
+    return controls[["speedup", "random_metric"]].to_numpy(dtype=float)
+
+
 def _draw_panel(ax, renderer, points: pd.DataFrame, styles: dict, mode: str, title: str,
-                kind: str) -> None:
+                kind: str, controls: bool = False) -> None:
+    """One panel; `controls`: also draw each run's random control (see _draw_controls)."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     ax.set_title(title, fontsize=10)
@@ -756,6 +827,7 @@ def _draw_panel(ax, renderer, points: pd.DataFrame, styles: dict, mode: str, tit
         style = dict(styles[method])
         style.pop("label")
         ax.scatter(rows["speedup"], rows["metric"], **style)
+    obstacles = _draw_controls(ax, points, styles) if controls else None
     many = points["backbone"].nunique() > 1 or points["profile"].nunique() > 1
     # a crowded panel names only its frontier and the baseline; the table names the rest
     named = points if len(points) <= MAX_LABELLED else points[
@@ -763,7 +835,7 @@ def _draw_panel(ax, renderer, points: pd.DataFrame, styles: dict, mode: str, tit
     texts = [f"{r.label}{' ' + r.markers if r.markers else ''}"
              f"{f' ({r.backbone}, {r.profile})' if many else ''}"
              for r in named.itertuples(index=False)]
-    _place_labels(ax, renderer, named, texts)
+    _place_labels(ax, renderer, named, texts, obstacles)
 
 
 def _pareto_figure(frame_task: pd.DataFrame, task: str, speedup_column: str):
@@ -774,6 +846,10 @@ def _pareto_figure(frame_task: pd.DataFrame, task: str, speedup_column: str):
     kind = SPEEDUP_KINDS.get(speedup_column, speedup_column.replace("_", " "))
     panels = [(mode, title, pareto_points(frame_task, mode, speedup_column))
               for mode, title in _PANELS]
+    # the random controls are measured without padding and not timed: drawn in the `none`
+    # panel of a FLOPs plot only, at their run's speedup (the control has the run's MACs)
+    with_controls = {mode: speedup_column == "flops_speedup" and mode == CONTROL_PADDING
+                     and not _control_points(points).empty for mode, _, points in panels}
     styles = _styles(set().union(*(set(p["method"]) for _, _, p in panels)))
     fig = Figure(figsize=(12, 5.6))
     canvas = FigureCanvasAgg(fig)
@@ -782,7 +858,9 @@ def _pareto_figure(frame_task: pd.DataFrame, task: str, speedup_column: str):
     metric_name = _main_metric(frame_task)
     axes[0].set_ylabel(f"{metric_name} (points)")
     # one y-range for both panels, from every point and CI bound, with room for labels
-    values = [v for _, _, p in panels for c in ("metric", "ci_low", "ci_high")
+    values = [v for mode, _, p in panels
+              for c in ("metric", "ci_low", "ci_high", "random_metric")
+              if c != "random_metric" or with_controls[mode]
               for v in p[c].to_numpy(dtype=float) if math.isfinite(v)]
     if values:
         lo, hi = min(values), max(values)
@@ -790,12 +868,14 @@ def _pareto_figure(frame_task: pd.DataFrame, task: str, speedup_column: str):
         axes[0].set_ylim(lo - pad, hi + pad)
     renderer = canvas.get_renderer()
     for ax, (mode, title, points) in zip(axes, panels, strict=True):
-        _draw_panel(ax, renderer, points, styles, mode, title, kind)
+        _draw_panel(ax, renderer, points, styles, mode, title, kind, with_controls[mode])
     numeric = _numeric_table(frame_task)
     fig.suptitle(f"{_task_title(frame_task, task)}: {metric_name} vs {kind}", fontsize=13)
     fig.text(0.5, 0.915, f"backbone {', '.join(sorted(set(numeric['backbone'])))}; profile "
              f"{', '.join(sorted(set(numeric['profile'])))}; dashed step = Pareto frontier; "
              "grey bars = bootstrap 95% CI"
+             + ("; hollow = random removal at the run's own counts, dotted to its run"
+                if any(with_controls.values()) else "")
              + (f"; panels with more than {MAX_LABELLED} runs name the frontier only"
                 if any(len(p) > MAX_LABELLED for _, _, p in panels) else ""),
              ha="center", fontsize=9, color="#555555")
@@ -807,6 +887,10 @@ def _pareto_figure(frame_task: pd.DataFrame, task: str, speedup_column: str):
                               markersize=13 if method == BASELINE else 7,
                               markerfacecolor=style["facecolor"],
                               markeredgecolor=style["edgecolor"], label=style["label"]))
+    if any(with_controls.values()):
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=7,
+                              markerfacecolor="none", markeredgecolor="#444444",
+                              markeredgewidth=1.4, label="random control (hollow)"))
     handles.append(Line2D([], [], color="#444444", linestyle="--", label="Pareto frontier"))
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.035),
                ncol=min(len(handles), 6), frameon=False, fontsize=9)
@@ -848,6 +932,139 @@ def write_pareto(frame: pd.DataFrame, out_dir, speedup_column: str = "flops_spee
 
 
 # --------------------------------------------------------------------------------------------
+# 4b. predictor diagnostics
+
+_IMPORTANT_COLOR, _OTHER_COLOR = "#d62728", "#1f77b4"
+MAX_HISTOGRAM_COLUMNS = 3
+
+
+def default_diagnostics_run(runs: list[dict]) -> dict:
+    """The run whose histograms a diagnostics figure shows: the method's default-setting run
+    (fewest method settings set off their defaults), the first by label among equals."""
+    return min(runs, key=lambda r: (r.get("overrides", 0), _natural(str(r["label"]))))
+
+
+def _auc_panel(ax, runs: list[dict], many: bool) -> None:
+    layers = sorted({row["layer"] for r in runs for row in r["diagnostics"]["layers"]})
+    for run in runs:
+        rows = sorted(run["diagnostics"]["layers"], key=lambda row: row["layer"])
+        ax.plot([row["layer"] for row in rows], [_num(row["auc"]) for row in rows], marker="o",
+                markersize=4, linewidth=1.3,
+                label=run["label"] + (f" ({run['backbone']}, {run['profile']})" if many else ""))
+    ax.axhline(0.5, color="#888888", linestyle="--", linewidth=1.0, label="chance (AUC 0.5)")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xticks(layers)
+    if layers:
+        ax.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
+    ax.set_xlabel("layer the keep decision is made at")
+    ax.set_ylabel("ROC AUC of the keep scores")
+    ax.set_title("keep-score AUC by layer, per run", fontsize=10)
+    ax.grid(True, color="#e5e5e5", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=7, loc="lower left", frameon=False)
+
+
+def _histogram_panel(ax, row: dict) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    edges = np.asarray(row["edges"], dtype=float)
+    for name, color, style in (("important", _IMPORTANT_COLOR, "-"),
+                               ("other", _OTHER_COLOR, "--")):
+        counts = np.asarray(row[f"{name}_hist"], dtype=float)
+        share = counts / counts.sum() if counts.sum() else counts
+        ax.stairs(share, edges, color=color, linestyle=style, linewidth=1.3,
+                  label=f"{name} (n={row[name]})")
+    auc = _num(row.get("auc"))
+    ax.set_title(f"layer {row['layer']}: AUC " + ("n/a" if math.isnan(auc) else f"{auc:.3f}"),
+                 fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(3))
+    # keep scores often sit in a narrow band (sigmoids near 1): plain ticks, no offset text
+    # that would collide with the axis label
+    ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, color="#eeeeee", linewidth=0.6)
+
+
+def _diagnostics_figure(runs: list[dict], task: str, method: str):
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    default = default_diagnostics_run(runs)
+    layers = sorted(default["diagnostics"]["layers"], key=lambda row: row["layer"])
+    columns = max(1, min(MAX_HISTOGRAM_COLUMNS, len(layers)))
+    rows = max(1, math.ceil(len(layers) / columns))
+    width, height = 5.5 + 3.0 * columns, max(4.4, 2.3 * rows + 2.0)
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(rows, 1 + columns, width_ratios=[1.9] + [1] * columns,
+                            left=0.6 / width, right=1 - 0.2 / width, top=1 - 1.15 / height,
+                            bottom=1.0 / height, wspace=0.3, hspace=0.6)
+    many = len({(r["backbone"], r["profile"]) for r in runs}) > 1
+    _auc_panel(fig.add_subplot(grid[:, 0]), runs, many)
+    for i, row in enumerate(layers):
+        ax = fig.add_subplot(grid[i // columns, 1 + i % columns])
+        _histogram_panel(ax, row)
+        if i + columns >= len(layers):  # the lowest panel of its column
+            ax.set_xlabel("keep score", fontsize=8)
+        if i % columns == 0:
+            ax.set_ylabel("share of the class", fontsize=8)
+    if not layers:
+        ax = fig.add_subplot(grid[0, 1:])
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no decision layer scored", ha="center", va="center")
+    title = _text(default.get("task_title")) or task
+    fig.suptitle(f"{title}: {method}, does the predictor keep what matters?", fontsize=12,
+                 y=1 - 0.12 / height, va="top")
+    note = (f"Reference of what matters: {default['diagnostics'].get('reference', MISSING)} "
+            f"(padding {default['diagnostics'].get('padding', MISSING)}). Right: keep-score "
+            f"histograms per decision layer of run '{default['label']}', as the share of each "
+            "class.")
+    fig.text(0.5, 1 - 0.45 / height, "\n".join(textwrap.wrap(note, int(width * 15))),
+             ha="center", va="top", fontsize=8.5, color="#555555")
+    fig.legend(handles=[Line2D([], [], color=_IMPORTANT_COLOR, linestyle="-",
+                               label="important (the reference keeps it)"),
+                        Line2D([], [], color=_OTHER_COLOR, linestyle="--", label="other")],
+               loc="lower center", bbox_to_anchor=(0.5 + 0.5 * 1.9 / (1.9 + columns), 0.0),
+               ncol=2, frameon=False, fontsize=8)
+    return fig
+
+
+def diagnostics_stem(task: str, method: str) -> str:
+    return f"diagnostics-{task}-{method}"
+
+
+def write_diagnostics(entries: list[dict], out_dir) -> list[Path]:
+    """Per task and method with predictor diagnostics, one figure: left the keep-score ROC AUC
+    by layer (one line per run, chance dashed), right the default-setting run's keep-score
+    histograms of both classes (important vs other) per decision layer. `entries`: one dict
+    per run with task, method, label, backbone, profile, overrides (method settings off their
+    defaults) and the record's `diagnostics` (report.records_diagnostics). Saved as
+    `diagnostics-<task>-<method>.png` and `.svg`."""
+    import matplotlib
+
+    out_dir = Path(out_dir)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for entry in entries:
+        if (entry.get("diagnostics") or {}).get("layers"):
+            groups.setdefault((str(entry["task"]), str(entry["method"])), []).append(entry)
+    written = []
+    with matplotlib.rc_context({"svg.hashsalt": "skimbench", "font.size": 10}):
+        for (task, method), runs in sorted(groups.items()):
+            runs = sorted(runs, key=lambda r: _natural(str(r["label"])))
+            fig = _diagnostics_figure(runs, task, method)
+            for ext, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
+                buffer = io.BytesIO()
+                fig.savefig(buffer, format=ext, dpi=150, metadata=metadata)
+                path = out_dir / f"{diagnostics_stem(task, method)}.{ext}"
+                write_atomic(path, buffer.getvalue())
+                written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
 # 5. the papers' numbers
 
 
@@ -874,7 +1091,7 @@ def _link(path: Path, out_dir: Path) -> str:
 def _belongs(path: Path, task: str) -> bool:
     name = Path(path).name
     return Path(path).stem == task or name.startswith(f"pareto-{task}.") or \
-        name.startswith(f"pareto-{task}-")
+        name.startswith(f"pareto-{task}-") or name.startswith(f"diagnostics-{task}-")
 
 
 def write_index(out_dir, files: list[Path], frame: pd.DataFrame) -> Path:
@@ -913,12 +1130,18 @@ def write_index(out_dir, files: list[Path], frame: pd.DataFrame) -> Path:
         listed.update(mine)
         lines += [f"## {_task_title(rows, task)} (`{task}`)", ""]
         tables = [f for f in mine if f.suffix in (".md", ".csv", ".tex")]
-        plots = [f for f in mine if f.suffix in (".png", ".svg", ".pdf")]
+        figures = [f for f in mine if f.suffix in (".png", ".svg", ".pdf")]
+        plots = [f for f in figures if not f.name.startswith("diagnostics-")]
+        diagnostics = [f for f in figures if f.name.startswith("diagnostics-")]
         if tables:
             lines.append("Tables: " + ", ".join(_link(f, out_dir) for f in tables))
         if plots:
             lines.append("Pareto plots: " + ", ".join(_link(f, out_dir) for f in plots))
-        rest = [f for f in mine if f not in tables and f not in plots]
+        if diagnostics:
+            lines.append("Predictor diagnostics (keep-score AUC by layer and score histograms "
+                         "against what matters): "
+                         + ", ".join(_link(f, out_dir) for f in diagnostics))
+        rest = [f for f in mine if f not in tables and f not in figures]
         if rest:
             lines.append("Other: " + ", ".join(_link(f, out_dir) for f in rest))
         if not mine:

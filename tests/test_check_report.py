@@ -136,3 +136,108 @@ def test_run_label_names_the_main_knob_and_settings_off_default(method, settings
     from skimbench.report import run_label
 
     assert run_label({"method": method, "method_config": settings}) == label
+
+
+@pytest.mark.parametrize("method,settings,label", [
+    # ControlSettings' control/controls lead every controlled method's config: never the knob
+    ("ltp", {"control": "none", "controls": True, "final_threshold": 0.02},
+     "ltp final_threshold=0.02"),
+    ("ltp", {"control": "random", "controls": True, "final_threshold": 0.01},
+     "ltp final_threshold=0.01 control=random"),
+])
+def test_run_label_skips_the_control_settings(method, settings, label):
+    from skimbench.report import run_label
+
+    assert run_label({"method": method, "method_config": settings}) == label
+
+
+def controls_entry(lift: float, low: float, high: float, metric: float = 80.0) -> dict:
+    """A record's `controls` (skimbench.controls.run_controls) with one lift on accuracy."""
+    def control(shift: float) -> dict:
+        return {"metrics": {"accuracy": metric - shift}, "metric_ci": {"accuracy": [70.0, 90.0]},
+                "macs_sum": 1000, "method_macs_sum": 1000, "flops_speedup": 2.0,
+                "lift": {"accuracy": lift + shift}, "lift_ci": {"accuracy": [low + shift,
+                                                                             high + shift]}}
+    return {"padding": "none", "seed": 42, "unit": "token", "random": control(0.0),
+            "random-baseline": control(1.0)}
+
+
+def small_record(controls: dict | None = None, **extra) -> dict:
+    record = {"main_metric": "accuracy", "metrics": {"accuracy": 80.0},
+              "metric_ci": {"accuracy": [78.0, 82.0]},
+              "padding": {"none": {"flops_speedup": 2.0, "cpu_time_speedup": None}}, **extra}
+    if controls is not None:
+        record["controls"] = controls
+    return record
+
+
+def test_check_breaches_when_the_method_loses_to_random_removal():
+    from skimbench.check import compare
+
+    reference = small_record(controls_entry(2.0, 0.5, 3.5))
+    assert compare(reference, reference) == []
+    # the interval straddles 0: the predictor is not shown to be worse than random
+    assert compare(reference, small_record(controls_entry(-0.4, -1.9, 1.1))) == []
+    assert compare(reference, small_record(controls_entry(-2.0, -3.5, -0.5))) == [
+        "lift over random removal -2.00 below 0 beyond its interval [-3.50, -0.50] "
+        "(accuracy points)"]
+    # only the `random` control counts: random-baseline is 1 point higher here, still < 0
+    assert len(compare(reference, small_record(controls_entry(-2.5, -3.5, -1.5)))) == 1
+    # the reference has controls, the current record none (the key missing, as in older
+    # records, or None)
+    missing = ["no random controls recorded (the reference has them)"]
+    assert compare(reference, small_record()) == missing
+    assert compare(reference, small_record() | {"controls": None}) == missing
+    # neither has controls: the older rules only
+    assert compare(small_record(), small_record()) == []
+    assert compare(small_record(), small_record(controls_entry(-2.0, -3.5, -0.5))) != []
+
+
+def test_report_shows_lift_and_diagnostics_of_records_with_controls(smoke_runs, tmp_path):
+    """A record with controls and diagnostics gets its lift in the table and a diagnostics
+    figure; records without (None, or the keys missing as in older records) get nothing."""
+    import pandas as pd
+
+    out, dirs = smoke_runs
+    truncate, layerdrop = dirs[1] / "record.json", dirs[2] / "record.json"
+    record = read_json(truncate)
+    record["controls"] = controls_entry(2.31, 0.8, 3.9)
+    record["diagnostics"] = {"reference": "baseline saliency, top 30% of real tokens",
+                             "padding": "none", "layers": [
+                                 {"layer": layer, "auc": auc, "important": 3, "other": 7,
+                                  "edges": [i / 20 for i in range(21)],
+                                  "important_hist": [0] * 17 + [1, 1, 1],
+                                  "other_hist": [1] * 7 + [0] * 13}
+                                 for layer, auc in ((0, 0.71), (2, None))]}
+    write_json(truncate, record)
+    older = read_json(layerdrop)
+    for key in ("control", "controls", "diagnostics"):
+        older.pop(key, None)
+    write_json(layerdrop, older)
+    reports = tmp_path / "reports"
+    result = invoke("report", "--results", str(out), "--out", str(reports))
+    assert result.exit_code == 0, result.output
+    rows = {line.split(" | ")[0].lstrip("| ").split(" ")[0]: line.split(" | ")
+            for line in (reports / "sst2.md").read_text().splitlines()
+            if line.startswith("| ") and "random:tiny" in line}
+    header = next(line for line in (reports / "sst2.md").read_text().splitlines()
+                  if line.startswith("| run |")).split(" | ")
+    lift, baseline_lift = header.index("lift over random"), header.index(
+        "lift over random-baseline")
+    assert rows["truncate"][lift] == "+2.31 [+0.80, +3.90]"
+    assert rows["truncate"][baseline_lift] == "+3.31 [+1.80, +4.90]"
+    assert rows["layerdrop"][lift].strip() == "" and rows["baseline"][lift].strip() == ""
+    csv = pd.read_csv(reports / "sst2.csv").set_index("method")
+    assert csv.loc["truncate", ["lift_random", "lift_random_low", "lift_random_high"]
+                   ].tolist() == [2.31, 0.8, 3.9]
+    assert csv.loc["truncate", "lift_random_baseline_high"] == 4.9
+    assert csv.loc[["baseline", "layerdrop"], "lift_random"].isna().all()
+    assert "lift over random" in (reports / "sst2.tex").read_text()
+    figure = reports / "diagnostics-sst2-truncate.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (reports / "diagnostics-sst2-truncate.svg").stat().st_size > 0
+    assert sorted(p.name for p in reports.glob("diagnostics-*")) == [
+        "diagnostics-sst2-truncate.png", "diagnostics-sst2-truncate.svg"]
+    index = (reports / "README.md").read_text()
+    line = next(x for x in index.splitlines() if x.startswith("Predictor diagnostics"))
+    assert "[diagnostics-sst2-truncate.png](diagnostics-sst2-truncate.png)" in line

@@ -164,3 +164,48 @@ def test_run_then_show(tiny_data, tmp_path):
     run_dir = tmp_path / "runs/sst2/baseline/smoke-random-tiny-s42"
     shown = invoke("show", str(run_dir)).output
     assert "accuracy" in shown and "smoke" in shown and "MACs/example [batch]" in shown
+
+
+def small_record(**extra) -> dict:
+    """The fields `skimbench show` prints, as a record.json holds them."""
+    return {"method": "ltp", "task": "sst2", "task_kind": "classification",
+            "backbone": "random:tiny", "profile": "smoke", "seed": 42, "split": "dev",
+            "num_train_examples": 32, "num_eval_examples": 16, "num_eval_features": 16,
+            "main_metric": "accuracy", "metrics": {"accuracy": 80.0},
+            "metric_ci": {"accuracy": [70.0, 90.0]}, "baseline_metrics": {"accuracy": 81.0},
+            "padding": {"none": {"macs_per_example": 5e5, "flops_speedup": 1.5,
+                                 "cpu_time_speedup": None}},
+            "train_seconds": 1.0, **extra}
+
+
+def test_show_prints_lifts_diagnostics_and_the_control(tmp_path):
+    from skimbench.records import write_json
+
+    def control(lift, low, high):
+        return {"metrics": {"accuracy": 80.0 - lift}, "lift": {"accuracy": lift},
+                "lift_ci": {"accuracy": [low, high]}}
+
+    layers = [{"layer": 0, "auc": 0.73456, "important": 5, "other": 11},
+              {"layer": 2, "auc": None, "important": 0, "other": 16}]
+    write_json(tmp_path / "method/record.json", small_record(
+        controls={"padding": "none", "seed": 42, "unit": "token",
+                  "random": control(2.314, 0.8, 3.9),
+                  "random-baseline": control(-1.0, -2.5, 0.5)},
+        diagnostics={"reference": "method labels", "padding": "none", "layers": layers}))
+    lines = invoke("show", str(tmp_path / "method")).output.splitlines()
+    assert "lift over random: accuracy +2.31 [+0.80, +3.90] (points, paired bootstrap 95%; " \
+           "padding none, unit: token)" in lines
+    assert any(line.startswith("lift over random-baseline: accuracy -1.00 [-2.50, +0.50]")
+               for line in lines)
+    assert lines[-2:] == ["layer 0: AUC 0.735 (5 important / 11 other)",
+                          "layer 2: AUC n/a (0 important / 16 other)"]
+    assert not any("control:" in line for line in lines)
+    write_json(tmp_path / "control/record.json", small_record(control="random", controls=None,
+                                                              diagnostics=None))
+    lines = invoke("show", str(tmp_path / "control")).output.splitlines()
+    assert lines[-1].startswith("this run is the random control")
+    assert not any(line.startswith(("lift over", "layer ")) for line in lines)
+    # an older record: none of the keys
+    write_json(tmp_path / "older/record.json", small_record())
+    older = invoke("show", str(tmp_path / "older"))
+    assert older.exit_code == 0 and older.output.splitlines()[-1].startswith("train time")

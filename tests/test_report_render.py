@@ -245,3 +245,105 @@ def test_a_crowded_panel_names_only_its_frontier_and_the_baseline():
              for t in fig.axes[0].texts if t.get_text().startswith("truncate k=4")}
     assert named == {"truncate k=40"}  # the dominated sweep points are drawn, not named
     assert any(t.get_text() == "baseline" for t in fig.axes[0].texts)
+
+
+def with_controls(frame: pd.DataFrame, label: str = "truncate k=16", lift=(2.314, 0.8, 3.9),
+                  random_metric: float = 81.7) -> pd.DataFrame:
+    """The frame with random controls on one run (every padding row of it)."""
+    frame = frame.copy()
+    rows = frame["label"] == label
+    for column, value in zip(rr.LIFTS["random"], lift, strict=True):
+        frame.loc[rows, column] = value
+    for column, value in zip(rr.LIFTS["random-baseline"], (-1.0, -2.5, 0.5), strict=True):
+        frame.loc[rows, column] = value
+    frame.loc[rows, "random_metric"] = random_metric
+    return frame
+
+
+def test_lift_formatting():
+    assert rr.format_lift(2.314, 0.8, 3.9) == "+2.31 [+0.80, +3.90]"
+    assert rr.format_lift(-0.5, -1.25, 0.25) == "-0.50 [-1.25, +0.25]"
+    assert rr.format_lift(1.0, None, 2.0) == "+1.00"
+    assert rr.format_lift(None) == "" and rr.format_lift(NAN, 1, 2) == ""
+
+
+def test_table_has_the_lift_over_each_control_where_a_run_has_controls(tmp_path):
+    assert not any("lift" in c for c in rr.task_table(make_frame(flag=None)).columns)
+    frame = with_controls(make_frame(flag=None))
+    table = rr.task_table(frame).set_index("run")
+    assert list(table.columns[3:5]) == ["lift over random", "lift over random-baseline"]
+    assert table.loc["truncate k=16", "lift over random"] == "+2.31 [+0.80, +3.90]"
+    assert table.loc["truncate k=16", "lift over random-baseline"] == "-1.00 [-2.50, +0.50]"
+    assert (table.drop("truncate k=16")[["lift over random", "lift over random-baseline"]]
+            == "").all().all()
+    numeric = rr.task_table(frame, numeric=True).set_index("run")
+    assert numeric.loc["truncate k=16", list(rr.LIFTS["random"])].tolist() == [2.314, 0.8, 3.9]
+    assert numeric.drop("truncate k=16")["lift_random"].isna().all()
+    md, csv, tex = rr.write_task_tables(frame, tmp_path)
+    text = md.read_text()
+    assert "| truncate k=16 | minilm | local | 84.0 [82.6, 85.3] | +2.31 [+0.80, +3.90] | " \
+           "-1.00 [-2.50, +0.50] | 2.10x |" in text
+    assert "| baseline | minilm | local | 91.2 [90.1, 92.3] |  |  | 1.00x |" in text
+    assert rr.LIFT_NOTE in text
+    assert "+2.31 [+0.80, +3.90] & -1.00 [-2.50, +0.50]" in tex.read_text()
+    assert pd.read_csv(csv).set_index("run").loc["truncate k=16", "lift_random_high"] == 3.9
+
+
+def test_pareto_draws_the_random_control_hollow_in_the_none_panel_only():
+    frame = with_controls(make_frame(flag=None), label="truncate k=32", random_metric=83.5)
+    assert rr.pareto_points(frame, "none").set_index("label").loc[
+        "truncate k=32", "random_metric"] == 83.5
+    fig = rr._pareto_figure(frame, "sst2", "flops_speedup")
+    none, sequence = fig.axes[:2]
+
+    from matplotlib.collections import PathCollection
+
+    def hollow(ax):  # the markers of scatter calls with facecolors="none"
+        return [c.get_offsets().tolist() for c in ax.collections
+                if isinstance(c, PathCollection) and len(c.get_facecolors()) == 0]
+
+    # at the run's FLOPs speedup in `none` (1.4x), at the control's metric
+    assert hollow(none) == [[[1.4, 83.5]]] and hollow(sequence) == []
+    assert "random control (hollow)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    # no control, no legend entry; a CPU-time plot does not draw the untimed controls
+    plain = rr._pareto_figure(make_frame(flag=None), "sst2", "flops_speedup")
+    assert "random control (hollow)" not in [t.get_text() for t in plain.legends[0].get_texts()]
+    assert hollow(rr._pareto_figure(frame, "sst2", "cpu_time_speedup").axes[0]) == []
+
+
+def diagnostics_entry(label: str, overrides: int, aucs: dict[int, float | None]) -> dict:
+    layers = [{"layer": layer, "auc": auc, "important": 3, "other": 7,
+               "edges": [i / 20 for i in range(21)], "important_hist": [0] * 17 + [1, 1, 1],
+               "other_hist": [1] * 7 + [0] * 13} for layer, auc in aucs.items()]
+    return {"task": "sst2", "task_title": "GLUE SST-2", "method": "ltp", "label": label,
+            "backbone": "minilm", "profile": "local", "overrides": overrides,
+            "diagnostics": {"reference": "baseline saliency, top 30% of real tokens",
+                            "padding": "none", "layers": layers}}
+
+
+def test_diagnostics_figure_per_task_and_method(tmp_path):
+    entries = [diagnostics_entry("ltp final_threshold=0.05", 1, {0: 0.55, 3: 0.6}),
+               diagnostics_entry("ltp final_threshold=0.01", 0, {0: 0.71, 3: None, 5: 0.9}),
+               dict(diagnostics_entry("ltp x", 0, {}), method="other")]  # no layer: no figure
+    assert rr.default_diagnostics_run(entries[:2])["label"] == "ltp final_threshold=0.01"
+    png, svg = rr.write_diagnostics(entries, tmp_path)
+    assert png == tmp_path / "diagnostics-sst2-ltp.png" and svg.suffix == ".svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and ET.parse(svg).getroot() is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnostics-sst2-ltp.png",
+                                                           "diagnostics-sst2-ltp.svg"]
+    fig = rr._diagnostics_figure(sorted(entries[:2], key=lambda e: e["label"]), "sst2", "ltp")
+    auc, *histograms = fig.axes
+    lines = {line.get_label(): line for line in auc.get_lines()}
+    assert lines["ltp final_threshold=0.05"].get_xydata().tolist() == [[0, 0.55], [3, 0.6]]
+    xy = lines["ltp final_threshold=0.01"].get_xydata()
+    assert xy[:, 0].tolist() == [0, 3, 5] and math.isnan(xy[1, 1]) and xy[2, 1] == 0.9
+    assert list(lines["chance (AUC 0.5)"].get_ydata()) == [0.5, 0.5]
+    # the default-setting run's histograms: one panel per decision layer, both classes
+    assert [ax.get_title() for ax in histograms] == ["layer 0: AUC 0.710", "layer 3: AUC n/a",
+                                                     "layer 5: AUC 0.900"]
+    assert len(histograms[0].patches) == 2
+    index = rr.write_index(tmp_path, [png, svg], make_frame()).read_text()
+    assert ("Predictor diagnostics (keep-score AUC by layer and score histograms against what "
+            "matters): [diagnostics-sst2-ltp.png](diagnostics-sst2-ltp.png), "
+            "[diagnostics-sst2-ltp.svg](diagnostics-sst2-ltp.svg)") in index
+    assert "Pareto plots:" not in index
