@@ -12,7 +12,11 @@ Writes results/bench.json and prints each figure with its target:
       and gathers cost beyond the computation they leave;
   (f) BlockBERT at long lengths (its headline, methods-spec 7.6): activation peak memory and
       batch latency of dense attention (sdpa, eager) and of blockwise attention (n = 2, 3;
-      sdpa and matmul kernels) at 512 and 1024 tokens (`--only blockbert`, a few minutes).
+      sdpa and matmul kernels) at 512 and 1024 tokens (`--only blockbert`, a few minutes);
+  (g) length-grouped training batches (trainer.epoch_batches): training examples per second of
+      grouped vs random batches on real SQuAD windows and SST-2 with the `local` recipe, the
+      same steps each, alternated (target >= 1.5x on SQuAD; `--only grouping`, about 10 minutes
+      on one thread; needs the local data, SKIMBENCH_DATA_DIR).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import json
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,14 +33,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from skimbench.backbone import resolve_backbone
-from skimbench.features import collate, eval_batches
+from skimbench.data import FileLog, data_dir_from
+from skimbench.errors import DataError
+from skimbench.features import collate, encode, eval_batches
 from skimbench.flops import random_batch
 from skimbench.latency import latency_curve
 from skimbench.measure import forward_all, replay_all
 from skimbench.method import get_method
 from skimbench.model import TaskModel, Trace
-from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, get_task
+from skimbench.tasks import CLASSIFICATION, EXTRACTIVE_QA, get_task, load_task_data
 from skimbench.timing import TimingConfig, time_ab
+from skimbench.trainer import epoch_batches, train
 
 
 def random_features(count: int, length: int, seed: int = 0) -> list[dict]:
@@ -279,13 +287,106 @@ def blockbert_long_inputs(config: TimingConfig) -> dict:
     return results
 
 
+# (g) length-grouped training batches ---------------------------------------------------------
+
+# task -> training steps of each arm, at the `local` profile's batch size (16 SQuAD, 32 SST-2)
+GROUPING_STEPS = {"squad": 30, "sst2": 60}
+GROUPING_CHUNKS = 3  # each arm's steps in this many chunks, grouped and random alternating
+
+
+def _padded_positions(lengths: list[int], batches: list[list[int]]) -> int:
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def _train_counting(model, stage, features: list[dict], group: bool, seed: int) -> dict:
+    """Train `stage` (the baseline's step); seconds, examples and (padded) positions."""
+    baseline = get_method("baseline")(get_method("baseline").Config())
+    seen = {"examples": 0, "tokens": 0, "positions": 0}
+
+    def loss_fn(model, batch):
+        seen["examples"] += batch["input_ids"].shape[0]
+        seen["positions"] += batch["input_ids"].numel()
+        seen["tokens"] += int(batch["attention_mask"].sum())
+        return baseline.losses(model, batch)
+
+    [summary] = train(model, [stage], features, loss_fn, seed=seed, log=lambda _: None,
+                      group_by_length=group)
+    return {"seconds": summary["seconds"], **seen}
+
+
+def grouping_task(key: str, steps: int) -> dict:
+    """One task of (g): see grouping_throughput."""
+    from skimbench.method import Context
+    from skimbench.profiles import budget_for
+
+    baseline = get_method("baseline")(get_method("baseline").Config())
+    task = get_task(key)
+    budget = budget_for("local", task)
+    data = load_task_data(task, data_dir_from(None), FileLog())
+    backbone = resolve_backbone(budget.backbone)
+    max_length = budget.max_length or task.max_length
+    features = encode(task, data.train, backbone.tokenizer(), max_length=max_length,
+                      doc_stride=budget.doc_stride, max_query_length=budget.max_query_length)
+    lengths = [len(f["input_ids"]) for f in features]
+    ctx = Context(backbone, task, budget, {})
+    [stage] = baseline.stages(ctx)
+    models = {group: baseline.build(ctx) for group in (True, False)}  # the same weights
+    totals = {group: {"seconds": 0.0, "examples": 0, "tokens": 0, "positions": 0}
+              for group in (True, False)}
+    for group in (True, False):  # warm-up, untimed
+        _train_counting(models[group], replace(stage, max_steps=1), features, group, 10_000)
+    per_chunk = steps // GROUPING_CHUNKS
+    for rnd in range(GROUPING_CHUNKS):
+        count = per_chunk if rnd < GROUPING_CHUNKS - 1 else steps - per_chunk * rnd
+        for group in ((True, False) if rnd % 2 == 0 else (False, True)):
+            measured = _train_counting(models[group], replace(stage, max_steps=count),
+                                       features, group, rnd)
+            for name, value in measured.items():
+                totals[group][name] += value
+    epoch = {group: _padded_positions(lengths, epoch_batches(
+        lengths, stage.batch_size, torch.Generator().manual_seed(0), group))
+        for group in (True, False)}
+    row: dict = {"features": len(features), "mean_length": sum(lengths) / len(lengths),
+                 "max_length": max_length, "batch_size": stage.batch_size, "lr": stage.lr,
+                 "steps_each": steps, "epoch_padded_positions_ratio": epoch[False] / epoch[True]}
+    for group, name in ((True, "grouped"), (False, "random")):
+        t = totals[group]
+        row[name] = {"examples": t["examples"], "seconds": t["seconds"],
+                     "examples_per_s": t["examples"] / t["seconds"],
+                     "mean_padded_length": t["positions"] / t["examples"],
+                     "padding_fraction": 1 - t["tokens"] / t["positions"]}
+    row["ratio"] = row["grouped"]["examples_per_s"] / row["random"]["examples_per_s"]
+    return row
+
+
+def grouping_throughput() -> dict:
+    """(g) Training examples/s of the baseline's training step (trainer.train) with
+    length-grouped vs random batches, on the training split of real SQuAD (windows) and SST-2
+    with the `local` profile's MiniLM, max_length, batch size and lr. Both arms start from the
+    same weights and train the same number of steps, in chunks that alternate (grouped first in
+    even rounds, random first in odd ones) after one untimed step each, so that load on the
+    machine hits both; chunk k draws its batches from a fresh epoch of seed k in both arms.
+    `epoch_padded_positions_ratio`: random / grouped positions computed over one whole epoch,
+    the speedup the padding alone allows (the timed steps are a sample of the epoch)."""
+    results: dict = {"threads": torch.get_num_threads(), "profile": "local",
+                     "method": "baseline", "chunks_per_arm": GROUPING_CHUNKS}
+    for key, steps in GROUPING_STEPS.items():
+        results[key] = grouping_task(key, steps)
+    results["squad"].update(target=">= 1.5", ok=results["squad"]["ratio"] >= 1.5)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/bench.json"))
     parser.add_argument("--min-seconds", type=float, default=3.0)
-    parser.add_argument("--only", choices=("skimming", "blockbert"), default=None,
+    parser.add_argument("--only", choices=("skimming", "blockbert", "grouping"), default=None,
                         help="run one benchmark and print it (nothing written)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads [torch's default: physical cores]")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = TimingConfig(warmup=2, min_iters=10, min_seconds=args.min_seconds)
     long_config = TimingConfig(warmup=1, min_iters=5, min_seconds=0.0)
     if args.only == "skimming":
@@ -294,6 +395,9 @@ def main() -> None:
     if args.only == "blockbert":
         print(json.dumps(blockbert_long_inputs(long_config), indent=2))
         return
+    if args.only == "grouping":
+        print(json.dumps(grouping_throughput(), indent=2))
+        return
     figures = {"threads": torch.get_num_threads()}
     figures["a_harness_overhead"] = harness_overhead(config)
     figures["b_analytic_macs"] = analytic_macs_speed()
@@ -301,6 +405,10 @@ def main() -> None:
     figures["d_removal_efficiency"] = removal_efficiency(config)
     figures["e_skimming_removal_efficiency"] = skimming_efficiency(config)
     figures["f_blockbert_long_inputs"] = blockbert_long_inputs(long_config)
+    try:
+        figures["g_training_grouping"] = grouping_throughput()
+    except DataError as exc:  # no local data and no hub: the other figures still stand
+        figures["g_training_grouping"] = {"skipped": str(exc)}
     curve_config = TimingConfig(warmup=1, min_iters=3, min_seconds=0.5, max_seconds=20.0)
     figures["d_latency_curves"] = {
         "minilm": latency_curve("minilm", (8, 16, 24, 32, 64, 128, 256, 384, 512), (1, 32),
