@@ -23,8 +23,7 @@ def _gold_logit(model: nn.Module, hidden: torch.Tensor, batch: dict) -> torch.Te
 
 
 def compute_saliency(model: nn.Module, features: list[dict], batch_size: int) -> torch.Tensor:
-    """(features, longest feature) saliency, row i for features[i] (for classification features
-    that is also their example_index): the gradient of the gold logit w.r.t. the embedding
+    """(features, longest feature) saliency, row i for features[i]: the gradient of the gold logit w.r.t. the embedding
     output, times it, L2 norm over the hidden size; zero at pads. Batches of similar lengths,
     padded to their longest member. Regression tasks have no gold class: not supported."""
     longest = max(len(f["input_ids"]) for f in features)

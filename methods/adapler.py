@@ -264,7 +264,11 @@ class AdapLeR(Method):
         for weights in teachers:
             teacher.load_state_dict(torch.load(weights, map_location="cpu"))
             maps.append(compute_saliency(teacher.eval(), features, ctx.budget.batch_size))
-        self._saliency = torch.stack(maps).mean(dim=0)
+        # rows by example_index: training batches look their targets up by it
+        by_feature = torch.stack(maps).mean(dim=0)
+        self._saliency = by_feature.new_zeros(
+            max(f["example_index"] for f in features) + 1, by_feature.shape[1])
+        self._saliency[torch.tensor([f["example_index"] for f in features])] = by_feature
         log(f"saliency: {len(features)} features from the fine-tuned baseline's "
             f"{', '.join(p.name for p in teachers)} in {time.perf_counter() - started:.1f}s")
         if path is not None:
