@@ -19,17 +19,19 @@ def finished_runs(results: Path) -> list[Path]:
 def run_label(config: dict) -> str:
     """The method, its main knob (first setting) and every other setting off its default,
     e.g. "truncate keep_tokens=16" or "layerdrop keep_layers=3 train=all"."""
-    from dataclasses import fields
+    from dataclasses import fields, is_dataclass
 
-    from skimbench.method import CONTROL_SETTINGS, methods
+    from skimbench.method import methods
 
     settings = config.get("method_config", {})
     cls = methods().get(config["method"])
     defaults = {f.name: f.default for f in fields(cls.Config)} if cls else {}
-    # the main knob is the first setting, except InitSettings' `init` and ControlSettings'
-    # `control`/`controls` (which dataclasses put first): neither where training starts nor
-    # which control is evaluated is what a method's curve varies
-    main = next((k for k in settings if k not in ("init", *CONTROL_SETTINGS)), None)
+    # the main knob is the method's own first setting: the shared settings its config inherits
+    # (InitSettings' `init`, SelectionSettings', ControlSettings'), which dataclasses put
+    # first, are not what a method's curve varies
+    inherited = {f.name for base in (cls.Config.__mro__[1:] if cls else ())
+                 if is_dataclass(base) for f in fields(base)}
+    main = next((k for k in settings if k not in inherited), None)
     shown = [f"{k}={v}" for k, v in settings.items() if k != main and defaults.get(k) != v]
     return " ".join([config["method"], *([f"{main}={settings[main]}"] if main else []), *shown])
 
