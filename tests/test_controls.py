@@ -239,3 +239,18 @@ def test_a_control_run_records_the_control_and_no_time(tiny_data, tmp_path):
     assert own["controls"]["random"]["macs_sum"] == own["padding"]["none"]["macs_sum"]
     assert own["controls"]["random"]["metrics"] == control["metrics"]
     assert own["diagnostics"]["layers"][0]["layer"] == 0
+
+
+@pytest.mark.parametrize("method, settings, message", [
+    ("ltp", {"control": "bogus"}, "control must be none or one of random, random-baseline"),
+    ("deebert", {"control": "random"}, "run it with --padding none"),
+])
+def test_a_control_that_cannot_run_is_one_usage_error(tiny_data, tmp_path, method, settings,
+                                                      message):
+    from skimbench.errors import UsageError
+    from skimbench.runner import RunSpec, run
+
+    with pytest.raises(UsageError, match=message):
+        run(RunSpec(method=method, task="sst2", profile="smoke", out=tmp_path,
+                    data_dir=tiny_data, overrides=settings), echo=lambda _: None)
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
