@@ -18,6 +18,7 @@ import io
 import math
 import os
 import re
+import textwrap
 from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
@@ -853,7 +854,7 @@ def _pareto_figure(frame_task: pd.DataFrame, task: str, speedup_column: str):
     styles = _styles(set().union(*(set(p["method"]) for _, _, p in panels)))
     fig = Figure(figsize=(12, 5.6))
     canvas = FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.2, wspace=0.12)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.84, bottom=0.2, wspace=0.12)
     axes = fig.subplots(1, 2, sharey=True)
     metric_name = _main_metric(frame_task)
     axes[0].set_ylabel(f"{metric_name} (points)")
@@ -871,14 +872,15 @@ def _pareto_figure(frame_task: pd.DataFrame, task: str, speedup_column: str):
         _draw_panel(ax, renderer, points, styles, mode, title, kind, with_controls[mode])
     numeric = _numeric_table(frame_task)
     fig.suptitle(f"{_task_title(frame_task, task)}: {metric_name} vs {kind}", fontsize=13)
-    fig.text(0.5, 0.915, f"backbone {', '.join(sorted(set(numeric['backbone'])))}; profile "
-             f"{', '.join(sorted(set(numeric['profile'])))}; dashed step = Pareto frontier; "
-             "grey bars = bootstrap 95% CI"
-             + ("; hollow = random removal at the run's own counts, dotted to its run"
-                if any(with_controls.values()) else "")
-             + (f"; panels with more than {MAX_LABELLED} runs name the frontier only"
-                if any(len(p) > MAX_LABELLED for _, _, p in panels) else ""),
-             ha="center", fontsize=9, color="#555555")
+    subtitle = (f"backbone {', '.join(sorted(set(numeric['backbone'])))}; profile "
+                f"{', '.join(sorted(set(numeric['profile'])))}; dashed step = Pareto frontier; "
+                "grey bars = bootstrap 95% CI"
+                + ("; hollow = random removal at the run's own counts, dotted to its run"
+                   if any(with_controls.values()) else "")
+                + (f"; panels with more than {MAX_LABELLED} runs name the frontier only"
+                   if any(len(p) > MAX_LABELLED for _, _, p in panels) else ""))
+    fig.text(0.5, 0.94, "\n".join(textwrap.wrap(subtitle, 150)), ha="center", va="top",
+             fontsize=9, color="#555555")
     used = [m for m in styles if any(m in set(p["method"]) for _, _, p in panels)]
     handles = []
     for method in used:
@@ -986,7 +988,6 @@ def _histogram_panel(ax, row: dict) -> None:
 
 
 def _diagnostics_figure(runs: list[dict], task: str, method: str):
-    import textwrap
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
