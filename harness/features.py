@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from skimbench.errors import UsageError
 from skimbench.qa import build_features
@@ -66,6 +67,20 @@ def collate(features: list[dict], pad_to: int | None, pad_id: int = 0) -> dict:
         batch["start_positions"] = torch.tensor([f["start_positions"] for f in features])
         batch["end_positions"] = torch.tensor([f["end_positions"] for f in features])
     return batch
+
+
+def length_sorted_batches(features: list[dict], batch_size: int, device: torch.device,
+                          desc: str) -> Iterator[tuple[list[int], dict]]:
+    """(feature indices, batch on `device`) over every feature, in batches of similar lengths
+    padded to their longest, with a progress bar: the one-off passes over a data set that take
+    gradients (saliency, TR-BERT's teacher), where batch order does not matter."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    with tqdm(total=len(features), desc=desc, unit="feature", leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            yield rows, {k: v.to(device) for k, v in collate([features[i] for i in rows],
+                                                             None).items()}
+            bar.update(len(rows))
 
 
 def eval_batches(features: list[dict], padding: str, batch_size: int, max_length: int

@@ -923,13 +923,19 @@ def write_pareto(frame: pd.DataFrame, out_dir, speedup_column: str = "flops_spee
     with matplotlib.rc_context({"svg.hashsalt": "skimbench", "font.size": 10}):
         for task in _tasks(frame):
             fig = _pareto_figure(_task_rows(frame, task), task, speedup_column)
-            stem = _pareto_stem(task, speedup_column)
-            for ext, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
-                buffer = io.BytesIO()
-                fig.savefig(buffer, format=ext, dpi=150, metadata=metadata)
-                path = out_dir / f"{stem}.{ext}"
-                write_atomic(path, buffer.getvalue())
-                written.append(path)
+            written += _save_figure(fig, out_dir, _pareto_stem(task, speedup_column))
+    return written
+
+
+def _save_figure(fig, out_dir: Path, stem: str) -> list[Path]:
+    """`stem`.png and `stem`.svg, reproducible (fixed svg ids, no dates), written atomically."""
+    written = []
+    for ext, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=ext, dpi=150, metadata=metadata)
+        path = out_dir / f"{stem}.{ext}"
+        write_atomic(path, buffer.getvalue())
+        written.append(path)
     return written
 
 
@@ -1055,13 +1061,8 @@ def write_diagnostics(entries: list[dict], out_dir) -> list[Path]:
     with matplotlib.rc_context({"svg.hashsalt": "skimbench", "font.size": 10}):
         for (task, method), runs in sorted(groups.items()):
             runs = sorted(runs, key=lambda r: _natural(str(r["label"])))
-            fig = _diagnostics_figure(runs, task, method)
-            for ext, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
-                buffer = io.BytesIO()
-                fig.savefig(buffer, format=ext, dpi=150, metadata=metadata)
-                path = out_dir / f"{diagnostics_stem(task, method)}.{ext}"
-                write_atomic(path, buffer.getvalue())
-                written.append(path)
+            written += _save_figure(_diagnostics_figure(runs, task, method), out_dir,
+                                    diagnostics_stem(task, method))
     return written
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from skimbench.features import collate
+from skimbench.features import length_sorted_batches
 from skimbench.model import additive_mask
 
 
@@ -32,13 +31,8 @@ def compute_saliency(model: nn.Module, features: list[dict], batch_size: int) ->
     for param in model.parameters():
         param.requires_grad_(False)
     device = next(model.parameters()).device
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    bar = tqdm(total=len(features), desc="saliency", unit="example", leave=False)
     with torch.enable_grad():
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in rows],
-                                                         None).items()}
+        for rows, batch in length_sorted_batches(features, batch_size, device, "saliency"):
             embedded = model.embed(batch).detach().requires_grad_(True)
             hidden = embedded
             mask = additive_mask(batch["attention_mask"], hidden.dtype)
@@ -47,6 +41,4 @@ def compute_saliency(model: nn.Module, features: list[dict], batch_size: int) ->
             [grad] = torch.autograd.grad(_gold_logit(model, hidden, batch), embedded)
             maps = (grad * embedded).norm(dim=-1) * batch["attention_mask"]
             out[torch.tensor(rows), :maps.shape[1]] = maps.detach().cpu().float()
-            bar.update(len(rows))
-    bar.close()
     return out

@@ -56,9 +56,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
-from skimbench.features import collate
+from skimbench.features import length_sorted_batches
 from skimbench.method import CHECKPOINT, Context, ControlSettings, Method, register
 from skimbench.model import Output, Trace, additive_mask
 from skimbench.skim import OutputBuffer, Tokens, TokenScorer, decide_tokens
@@ -388,14 +387,10 @@ def compute_teacher(model: nn.Module, features: list[dict], batch_size: int) -> 
     for param in model.parameters():
         param.requires_grad_(False)
     device = next(model.parameters()).device
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     rows, scores, logits = {}, [None] * len(features), [None] * len(features)
-    bar = tqdm(total=len(features), desc="trbert teacher", unit="feature", leave=False)
     with torch.enable_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in chunk],
-                                                         None).items()}
+        for chunk, batch in length_sorted_batches(features, batch_size, device,
+                                                  "trbert teacher"):
             hidden = model.embed(batch)
             mask = additive_mask(batch["attention_mask"], hidden.dtype)
             outputs = []
@@ -416,8 +411,6 @@ def compute_teacher(model: nn.Module, features: list[dict], batch_size: int) -> 
                 scores[i] = score[j, :, :n].detach().cpu().float()
                 logits[i] = (out[j, :n] if model.kind == EXTRACTIVE_QA
                              else out[j]).detach().cpu().float()
-            bar.update(len(chunk))
-    bar.close()
     return Teacher(rows, scores, logits)
 
 
