@@ -1034,7 +1034,7 @@ def _diagnostics_figure(runs: list[dict], task: str, method: str):
     fig.legend(handles=[Line2D([], [], color=_IMPORTANT_COLOR, linestyle="-",
                                label="important (the reference keeps it)"),
                         Line2D([], [], color=_OTHER_COLOR, linestyle="--", label="other")],
-               loc="lower center", bbox_to_anchor=(0.5 + 0.5 * 1.9 / (1.9 + columns), 0.0),
+               loc="lower center", bbox_to_anchor=(0.5, 0.0),
                ncol=2, frameon=False, fontsize=8)
     return fig
 
