@@ -133,7 +133,8 @@ class RandomReplay(Observer):
     def decide(self, keep, candidates, layer, scores, positions, reference):
         if self._step >= len(self._current):
             raise RuntimeError("random control: the method made more keep decisions than in the "
-                               "recorded pass (its decisions must not depend on earlier ones)")
+                               "recorded pass (the number of decisions per pass must be fixed by "
+                               "the counts it replays)")
         wanted = self._current[self._step].to(keep.device)
         self._step += 1
         return keep & ~candidates | random_choice(candidates, wanted, self.generator)
